@@ -1,0 +1,211 @@
+"""Configuration of every stage: dataclasses, YAML loading and dotted overrides.
+
+Unknown keys are errors that list the valid ones, so a typo in a YAML file never
+silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+@dataclass
+class CorpusConfig:
+    """Where the SFT corpus is and how its columns are named.
+
+    ``path`` is a JSONL or Parquet file, a folder of shards, a ``datasets.save_to_disk``
+    directory, or any pyarrow filesystem URI (``s3://...``). Empty: the built-in demo corpus.
+    ``messages`` names a chat column (list of {role, content}); when it is present the last
+    assistant turn is the response and the turns before it form the prompt.
+    """
+
+    path: str = ""
+    format: str = "auto"  # auto | jsonl | parquet | hf
+    id: str = "id"
+    prompt: str = "prompt"
+    response: str = "response"
+    source: str = "source"
+    messages: str = "messages"
+    default_source: str = "default"
+
+
+@dataclass
+class DemoConfig:
+    """The built-in multi-source maths corpus generated with reasoning-gym."""
+
+    sources: list[str] = field(default_factory=lambda: [
+        "gsm_symbolic", "basic_arithmetic", "chain_sum", "fraction_simplification",
+        "gcd", "lcm", "simple_equations", "base_conversion", "prime_factorization",
+        "decimal_arithmetic",
+    ])
+    train_per_source: int = 200
+    eval_per_source: int = 25
+    seed: int = 1234
+    vocab_size: int = 2048
+
+
+@dataclass
+class TextConfig:
+    """Prompt template and tokenisation."""
+
+    template: str = "Question: {prompt}\nAnswer: "
+    max_length: int = 512
+    tokenizer: str = ""  # local tokenizer dir; empty: the proxy model's dir (or the demo's)
+
+
+@dataclass
+class ProxyConfig:
+    """The small proxy model and its Ray Train fine-tuning run."""
+
+    model: str = ""  # local model dir; empty: build the tiny preset below
+    preset: str = "tiny"  # tiny | small (see models.PRESETS)
+    epochs: int = 3
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    batch_size: int = 16  # per worker
+    num_points: int = 12  # T: trajectory points spread evenly over training
+    num_workers: int = 2
+    use_gpu: str = "auto"  # auto | true | false
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class ScoringConfig:
+    """The Ray Data batch-scoring job run at every trajectory point."""
+
+    rows_per_batch: int = 512  # rows handed to one actor call
+    max_tokens: int = 16384  # padded tokens in one forward pass
+    num_actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.25  # used only when the proxy runs on GPU
+
+
+@dataclass
+class ClusterConfig:
+    """K-means on the loss trajectories."""
+
+    backend: str = "auto"  # auto (cuml on GPU, else faiss) | faiss | cuml
+    k: int = 100
+    niter: int = 20
+    max_points_per_centroid: int = 256  # fit on at most k * this many sampled points
+    per_source: bool = False
+    nan_value: float = 0.0
+    keep_every: int = 1
+
+
+@dataclass
+class SelectConfig:
+    """Which method picks the subset, and how large it is."""
+
+    method: str = "s2l"
+    budgets: list[float] = field(default_factory=lambda: [0.1])  # counts (>=1) or fractions (<1)
+
+
+@dataclass
+class S2LConfig:
+    """A whole selection run."""
+
+    output: str = "runs/demo"
+    seed: int = 0
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ConfigError naming the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: S2LConfig, overrides: dict[str, Any]) -> S2LConfig:
+    """Return a copy of ``cfg`` with dotted keys (``proxy.epochs``) set; ``None`` values are skipped."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"unknown config section {p!r} in {dotted!r}; valid: {sorted(data)}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"unknown key {dotted!r}; valid keys: {sorted(node)}")
+        node[leaf] = value
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                cls: type = S2LConfig) -> Any:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    cfg = from_dict(cls, data, where=str(path) if path else "config")
+    return apply_overrides(cfg, overrides or {})

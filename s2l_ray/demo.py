@@ -1,0 +1,104 @@
+"""The built-in demo: a multi-source maths SFT corpus from reasoning-gym and a local tokenizer.
+
+Every response ends with ``#### <final answer>`` (GSM8K's convention); ``gsm_symbolic``
+responses carry the step-by-step solution before it. Train and evaluation items come from
+seeds ten million apart (reasoning-gym item i uses ``Random(seed + i)``), and any evaluation
+prompt that also occurs in the training split is dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .config import DemoConfig
+
+EVAL_SEED_OFFSET = 10_000_000
+SOURCE_SEED_STRIDE = 1_000_003
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def _items(name: str, size: int, seed: int) -> list[dict]:
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset(name, size=size, seed=seed)
+    rows = []
+    for i in range(size):
+        item = ds[i]
+        answer = str(item["answer"]).strip()
+        cot = (item.get("metadata") or {}).get("answer_cot")
+        if cot:
+            response = cot.strip()
+            if "####" not in response:
+                response += f"\n#### {answer}"
+        else:
+            response = f"#### {answer}"
+        rows.append({"source": name, "prompt": item["question"].strip(), "response": response, "answer": answer})
+    return rows
+
+
+def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
+    """Train and evaluation rows; the same config always gives the same rows."""
+    train, evaluation = [], []
+    for k, name in enumerate(cfg.sources):
+        seed = cfg.seed + k * SOURCE_SEED_STRIDE
+        seen: set[str] = set()
+        for row in _items(name, cfg.train_per_source, seed):
+            if row["prompt"] not in seen:  # small generators repeat themselves
+                seen.add(row["prompt"])
+                train.append(row)
+        for row in _items(name, cfg.eval_per_source, seed + EVAL_SEED_OFFSET):
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                evaluation.append(row)
+    return train, evaluation
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, path: str):
+    """Train a byte-level BPE tokenizer on ``texts`` and save it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    fast.save_pretrained(path)
+    return fast
+
+
+def fingerprint(cfg: DemoConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.__dict__, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def build(cfg: DemoConfig, root: str) -> dict[str, str]:
+    """Write ``train.jsonl``, ``eval.jsonl`` and ``tokenizer/`` under ``root`` (reused when present).
+
+    Returns their paths. A folder built from another config is rebuilt.
+    """
+    base = Path(root)
+    paths = {"train": str(base / "train.jsonl"), "eval": str(base / "eval.jsonl"),
+             "tokenizer": str(base / "tokenizer")}
+    stamp = base / "demo.json"
+    fp = fingerprint(cfg)
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
+        return paths
+    base.mkdir(parents=True, exist_ok=True)
+    train, evaluation = generate(cfg)
+    _write_jsonl(base / "train.jsonl", train)
+    _write_jsonl(base / "eval.jsonl", evaluation)
+    train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"])
+    stamp.write_text(json.dumps({"fingerprint": fp, "train": len(train), "eval": len(evaluation)}))
+    return paths

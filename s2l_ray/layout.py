@@ -1,0 +1,197 @@
+"""The run directory: every artifact's path and Parquet schema, the manifest, atomic writes.
+
+This module is the contract between stages. A run directory may be a local path or any
+pyarrow filesystem URI (``s3://bucket/run``)::
+
+    <run>/
+      manifest.json                 config, corpus fingerprint, versions, counts, timings
+      corpus/part-<n>.parquet       normalised corpus (corpus.STORED_SCHEMA), rows in idx order
+      proxy/                        Ray Train storage: proxy checkpoints
+      trajectories/checkpoint=<t>/  TRAJECTORY_SCHEMA, one folder per trajectory point
+      trajectories/_done.json       finished trajectory points and their files
+      clusters.parquet              CLUSTERS_SCHEMA
+      selection.parquet             SELECTION_SCHEMA (selection-<budget>.parquet when several)
+      selected.jsonl                the selected corpus rows, ready for fine-tuning
+      report.png                    cluster-mean trajectories and cluster sizes
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+CORPUS_SCHEMA = pa.schema([
+    ("idx", pa.int64()),  # position in the stored corpus: 0..N-1 in file order
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("prompt", pa.string()),
+    ("response", pa.string()),
+])
+TRAJECTORY_SCHEMA = pa.schema([
+    ("idx", pa.int64()),  # the row's position in the stored corpus
+    ("id", pa.string()),
+    ("checkpoint", pa.int32()),
+    ("step", pa.int64()),
+    ("loss", pa.float32()),
+    ("n_tokens", pa.int32()),
+])
+CLUSTERS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("cluster", pa.int32()),
+    ("distance", pa.float32()),
+])
+SELECTION_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("cluster", pa.int32()),
+    ("method", pa.string()),
+    ("budget", pa.int64()),
+])
+
+
+class LayoutError(RuntimeError):
+    """A run directory is missing, inconsistent, or belongs to other inputs."""
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for a local path or URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    import os
+
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file so that readers see either the old or the whole new content."""
+    parent = posixpath.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)  # os.replace: atomic on one filesystem
+    else:  # object stores publish an object only when its upload completes
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
+
+
+def read_json(fs: pafs.FileSystem, path: str, default: Any = None) -> Any:
+    if not exists(fs, path):
+        return default
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+class RunDir:
+    """Paths of one run directory and helpers to read and write its artifacts."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = resolve(self.uri)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        """A path as a URI (or local path) that Ray and pyarrow readers accept."""
+        return posixpath.join(self.uri, *parts)
+
+    # artifact paths
+    @property
+    def manifest(self) -> str:
+        return self.path("manifest.json")
+
+    @property
+    def corpus_dir(self) -> str:
+        return self.path("corpus")
+
+    def corpus_part(self, n: int) -> str:
+        return self.path("corpus", f"part-{n:05d}.parquet")
+
+    def corpus_files(self) -> list[str]:
+        """The stored corpus's part files in idx order (recorded in the manifest when complete)."""
+        return [self.path("corpus", f) for f in self.read_manifest().get("corpus", {}).get("files", [])]
+
+    @property
+    def proxy_dir(self) -> str:
+        return self.path("proxy")
+
+    @property
+    def trajectories_dir(self) -> str:
+        return self.path("trajectories")
+
+    def trajectory_dir(self, t: int) -> str:
+        return self.path("trajectories", f"checkpoint={t}")
+
+    @property
+    def trajectories_done(self) -> str:
+        return self.path("trajectories", "_done.json")
+
+    @property
+    def clusters(self) -> str:
+        return self.path("clusters.parquet")
+
+    def selection(self, budget: int | None = None) -> str:
+        return self.path("selection.parquet" if budget is None else f"selection-{budget}.parquet")
+
+    def selected_jsonl(self, budget: int | None = None) -> str:
+        return self.path("selected.jsonl" if budget is None else f"selected-{budget}.jsonl")
+
+    @property
+    def report(self) -> str:
+        return self.path("report.png")
+
+    def ensure(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+
+    # manifest
+    def read_manifest(self) -> dict:
+        return read_json(self.fs, self.manifest, default={})
+
+    def update_manifest(self, **fields: Any) -> dict:
+        """Merge top-level ``fields`` into manifest.json (dict values are merged one level deep)."""
+        m = self.read_manifest()
+        for k, v in fields.items():
+            if isinstance(v, dict) and isinstance(m.get(k), dict):
+                m[k] = {**m[k], **v}
+            else:
+                m[k] = v
+        write_json_atomic(self.fs, self.manifest, m)
+        return m
+
+    # trajectory bookkeeping
+    def done_points(self) -> dict[int, dict]:
+        """Finished trajectory points: ``{t: {"step": ..., "files": [...], "rows": ...}}``."""
+        raw = read_json(self.fs, self.trajectories_done, default={})
+        return {int(t): v for t, v in raw.get("points", {}).items()}
+
+    def mark_point_done(self, t: int, record: dict) -> None:
+        raw = read_json(self.fs, self.trajectories_done, default={})
+        raw.setdefault("points", {})[str(t)] = record
+        write_json_atomic(self.fs, self.trajectories_done, raw)
+
+    def read_table(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
+        if not exists(self.fs, path):
+            raise LayoutError(f"missing artifact: {path}")
+        return pq.read_table(path, filesystem=self.fs, schema=schema)

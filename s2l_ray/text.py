@@ -1,0 +1,68 @@
+"""Prompt template, tokenisation with response-only labels, length bucketing and collation."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def format_prompt(template: str, prompt: str) -> str:
+    return template.format(prompt=prompt)
+
+
+def tokenize_batch(tokenizer: Any, prompts: list[str], responses: list[str], template: str,
+                   max_length: int) -> dict[str, list]:
+    """Token ids and labels for each (prompt, response); labels are -100 on prompt tokens.
+
+    Prompt and response are tokenised separately (no merge across the boundary) and the
+    response ends with EOS. Sequences longer than ``max_length`` are cut on the right, so an
+    over-long prompt leaves no response tokens (``n_response`` 0): callers must check.
+    """
+    p_ids = tokenizer([format_prompt(template, p) for p in prompts], add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out: dict[str, list] = {"input_ids": [], "labels": [], "n_response": [], "truncated": []}
+    for p, r in zip(p_ids, r_ids):
+        r = list(r) + ([eos] if eos is not None else [])
+        ids = (list(p) + r)[:max_length]
+        n_prompt = min(len(p), len(ids))
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["n_response"].append(len(ids) - n_prompt)
+        out["truncated"].append(len(p) + len(r) > max_length)
+    return out
+
+
+def collate(input_ids: list, labels: list, pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (or ``pad_to``); padded labels are -100, mask 0."""
+    n = len(input_ids)
+    width = max(len(x) for x in input_ids) if pad_to is None else pad_to
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    lab = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(input_ids, labels)):
+        ids[i, : len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        lab[i, : len(y)] = torch.as_tensor(np.asarray(y, dtype=np.int64))
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+
+
+def length_buckets(lengths: np.ndarray | list[int], max_tokens: int) -> list[np.ndarray]:
+    """Group row indices into batches of similar length with at most ``max_tokens`` padded tokens.
+
+    Rows are sorted by length; a batch grows while ``len(batch) * longest <= max_tokens``
+    (a single row longer than ``max_tokens`` forms its own batch).
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or (i - start + 1) * lengths[order[i]] > max_tokens:
+            batches.append(order[start:i])
+            start = i
+    return batches
