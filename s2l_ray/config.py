@@ -78,7 +78,8 @@ class ProxyConfig:
     num_workers: int = 2
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # logical CPUs a worker reserves; torch threads = max(1, int(this))
+    gpus_per_worker: float = 1.0  # below 1 (e.g. 0.75) leaves room for scoring actors on the same GPUs
 
 
 @dataclass

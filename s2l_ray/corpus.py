@@ -26,9 +26,11 @@ from .layout import CORPUS_SCHEMA, resolve
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_EXT = (".parquet",)
 CHUNK_ROWS = 8192
-# The stored corpus: the contract's columns plus token counts under the proxy tokenizer and a
-# content hash (for the corpus fingerprint). READ_SCHEMA is the same before idx is assigned.
+# The stored corpus: the contract's columns plus the tokenised text under the proxy tokenizer
+# (prompt then response, truncated; labels are the ids after the first n_prompt) and a content
+# hash (for the corpus fingerprint). READ_SCHEMA is the same before idx is assigned.
 STORED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [
+    pa.field("input_ids", pa.list_(pa.int32())), pa.field("n_prompt", pa.int32()),
     pa.field("n_tokens", pa.int32()), pa.field("n_response", pa.int32()),
     pa.field("truncated", pa.bool_()), pa.field("row_hash", pa.string())])
 READ_SCHEMA = STORED_SCHEMA.remove(STORED_SCHEMA.get_field_index("idx"))
@@ -199,8 +201,10 @@ class ReadFiles:
             for rows, _ in chunks:
                 cols = _normalise(rows, uri, self.fmt, self.corpus)
                 enc = tokenize_batch(tok, cols["prompt"], cols["response"], self.text.template, self.text.max_length)
+                cols["input_ids"] = enc["input_ids"]
                 cols["n_tokens"] = [len(x) for x in enc["input_ids"]]
                 cols["n_response"] = enc["n_response"]
+                cols["n_prompt"] = [a - b for a, b in zip(cols["n_tokens"], enc["n_response"])]
                 cols["truncated"] = enc["truncated"]
                 cols["row_hash"] = [hashlib.sha1("\x1f".join(v).encode()).hexdigest()[:20] for v in
                                     zip(cols["id"], cols["source"], cols["prompt"], cols["response"])]
@@ -243,3 +247,66 @@ def validate(table: pa.Table, source_uri: str) -> dict:
             "tokens": int(pc.sum(table.column("n_tokens")).as_py()),
             "sources": {s["values"]: s["counts"] for s in pc.value_counts(table.column("source")).to_pylist()},
             "fingerprint": fp}
+
+
+def input_fingerprint(cfg: CorpusConfig) -> str:
+    """A cheap fingerprint of the input files (paths, sizes, modification times) and column mapping."""
+    fmt, files = discover(cfg)
+    parts = [fmt, json.dumps(cfg.__dict__, sort_keys=True)]
+    for f in files:
+        fs, path = resolve(f)
+        if fmt == "hf":
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+        else:
+            infos = [fs.get_file_info(path)]
+        parts += [f"{i.path}:{i.size}:{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 100_000) -> dict:
+    """Read, normalise and validate the corpus into ``<run>/corpus/``; returns its statistics.
+
+    Rows are numbered (``idx``) in input order, deterministically. Nothing is recorded in the
+    manifest unless the whole corpus is valid, and the part files of a failed attempt are removed.
+    """
+    import ray.data
+
+    from .layout import write_parquet_atomic
+
+    ds = read(cfg, text, tokenizer)
+    ds.context.execution_options.preserve_order = True
+    if run.fs.get_file_info(run.corpus_dir).type != pafs.FileType.NotFound:
+        run.fs.delete_dir(run.corpus_dir)
+    files: list[str] = []
+    pending: list[pa.Table] = []
+    n = 0
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        t = pa.concat_tables(pending)
+        t = t.add_column(0, "idx", pa.array(np.arange(n - t.num_rows, n, dtype=np.int64)))
+        path = run.corpus_part(len(files))
+        write_parquet_atomic(run.fs, path, t.select(STORED_SCHEMA.names).cast(STORED_SCHEMA))
+        files.append(posixpath.basename(path))
+        pending = []
+
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pending.append(batch)
+            n += batch.num_rows
+            if sum(b.num_rows for b in pending) >= part_rows:
+                flush()
+        flush()
+        table = pq.read_table([run.corpus_part(i) for i in range(len(files))], filesystem=run.fs,
+                              columns=["id", "source", "row_hash", "n_tokens", "n_response", "truncated"]) \
+            if files else pa.table({c: pa.array([], STORED_SCHEMA.field(c).type) for c in
+                                    ["id", "source", "row_hash", "n_tokens", "n_response", "truncated"]})
+        stats = validate(table, cfg.path)
+    except BaseException:
+        if run.fs.get_file_info(run.corpus_dir).type != pafs.FileType.NotFound:
+            run.fs.delete_dir(run.corpus_dir)
+        raise
+    stats["files"] = files
+    return stats

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import DemoConfig
 
+DEMO_ROOT = "runs/demo-data"  # where the jobs build the demo corpus and tokenizer by default
 EVAL_SEED_OFFSET = 10_000_000
 SOURCE_SEED_STRIDE = 1_000_003
 EOS, PAD = "<|endoftext|>", "<|pad|>"

@@ -16,6 +16,7 @@ pyarrow filesystem URI (``s3://bucket/run``)::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
@@ -37,8 +38,9 @@ TRAJECTORY_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("checkpoint", pa.int32()),
     ("step", pa.int64()),
-    ("loss", pa.float32()),
-    ("n_tokens", pa.int32()),
+    ("loss", pa.float32()),  # mean cross-entropy over the response tokens
+    ("confidence", pa.float32()),  # mean probability of the gold response tokens
+    ("n_tokens", pa.int32()),  # response tokens scored
 ])
 CLUSTERS_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -92,6 +94,21 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> Non
     write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
 
 
+@contextlib.contextmanager
+def open_output_atomic(fs: pafs.FileSystem, path: str):
+    """A stream for large outputs: written to a temporary name, moved to ``path`` only on success."""
+    parent = posixpath.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+        fs.move(tmp, path)  # local: os.replace; object stores: copy then delete (the key appears whole)
+    finally:
+        if exists(fs, tmp):
+            fs.delete_file(tmp)
+
+
 def read_json(fs: pafs.FileSystem, path: str, default: Any = None) -> Any:
     if not exists(fs, path):
         return default
@@ -138,6 +155,20 @@ class RunDir:
         return self.path("proxy")
 
     @property
+    def checkpoints_index(self) -> str:
+        """Proxy checkpoints persisted so far: ``{"points": {t: {"step", "path"}}}``."""
+        return self.path("proxy", "_checkpoints.json")
+
+    def proxy_checkpoints(self) -> dict[int, dict]:
+        raw = read_json(self.fs, self.checkpoints_index, default={})
+        return {int(t): v for t, v in raw.get("points", {}).items()}
+
+    def mark_checkpoint(self, t: int, record: dict) -> None:
+        raw = read_json(self.fs, self.checkpoints_index, default={})
+        raw.setdefault("points", {})[str(t)] = record
+        write_json_atomic(self.fs, self.checkpoints_index, raw)
+
+    @property
     def trajectories_dir(self) -> str:
         return self.path("trajectories")
 
@@ -182,7 +213,11 @@ class RunDir:
 
     # trajectory bookkeeping
     def done_points(self) -> dict[int, dict]:
-        """Finished trajectory points: ``{t: {"step": ..., "files": [...], "rows": ...}}``."""
+        """Finished trajectory points: ``{t: {"step": ..., "files": [...], "rows": ...}}``.
+
+        A record should also hold ``corpus_fingerprint`` (the manifest's ``corpus.fingerprint`` when
+        the point was scored): trajectories.load refuses points scored on another corpus.
+        """
         raw = read_json(self.fs, self.trajectories_done, default={})
         return {int(t): v for t, v in raw.get("points", {}).items()}
 

@@ -66,11 +66,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise ModelError(f"{path}: cannot load weights ({e})") from None
 
 
-def build_model(preset: str, tokenizer: Any, seed: int = 0, max_length: int = 512) -> PreTrainedModel:
-    """A freshly initialised GPT-NeoX causal LM of the given preset size."""
+def preset_config(preset: str, tokenizer: Any, max_length: int = 512) -> GPTNeoXConfig:
+    """The GPT-NeoX config of a preset size for ``tokenizer``'s vocabulary."""
     if preset not in PRESETS:
         raise ModelError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
-    config = GPTNeoXConfig(
+    return GPTNeoXConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=max(max_length, 128),
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
@@ -79,6 +79,11 @@ def build_model(preset: str, tokenizer: Any, seed: int = 0, max_length: int = 51
         tie_word_embeddings=False,
         **PRESETS[preset],
     )
+
+
+def build_model(preset: str, tokenizer: Any, seed: int = 0, max_length: int = 512) -> PreTrainedModel:
+    """A freshly initialised GPT-NeoX causal LM of the given preset size."""
+    config = preset_config(preset, tokenizer, max_length)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 

@@ -1,0 +1,135 @@
+"""Runs the selection stages in order, skipping what the run directory says is finished.
+
+corpus -> proxy (training + trajectories) -> clusters -> selection. Each stage records a key
+(a hash of the inputs and config it depends on) in the manifest; a finished stage with the
+same key is reused, and expensive work (corpus, trajectories) made from other inputs is
+refused rather than silently mixed with new work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from typing import Any
+
+from . import __version__
+from .config import S2LConfig, to_dict
+from .layout import LayoutError, RunDir
+
+
+def log(msg: str) -> None:
+    print(f"[s2l {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    return {"s2l_ray": __version__, "python": platform.python_version(), "ray": ray.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+        log(f"Ray: {ray.cluster_resources()}")
+
+
+def prepare_inputs(cfg: S2LConfig) -> tuple[S2LConfig, str, dict]:
+    """Resolve the corpus (demo when none), the tokenizer dir and the proxy model spec."""
+    from dataclasses import replace
+
+    from . import demo
+    from .models import load_model, load_tokenizer, preset_config
+
+    if not cfg.corpus.path:
+        log(f"no corpus given: building the demo corpus ({len(cfg.demo.sources)} reasoning-gym sources) "
+            f"in {demo.DEMO_ROOT}")
+        paths = demo.build(cfg.demo, demo.DEMO_ROOT)
+        cfg = replace(cfg, corpus=replace(cfg.corpus, path=paths["train"]),
+                      text=replace(cfg.text, tokenizer=cfg.text.tokenizer or paths["tokenizer"]))
+    tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model
+    if not tokenizer_dir:
+        raise LayoutError("no tokenizer: set text.tokenizer or proxy.model to a local directory")
+    tok = load_tokenizer(tokenizer_dir)
+    if cfg.proxy.model:
+        load_model(cfg.proxy.model)  # fail fast on a bad directory
+        spec = {"dir": cfg.proxy.model}
+    else:
+        spec = {"config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.seed}
+    return cfg, tokenizer_dir, {"spec": spec, "pad_id": tok.pad_token_id}
+
+
+def _stage(run: RunDir, name: str, key: str) -> dict | None:
+    rec = run.read_manifest().get("stages", {}).get(name)
+    return rec if rec and rec.get("key") == key else None
+
+
+def _finish(run: RunDir, name: str, key: str, started: float, **extra: Any) -> None:
+    run.update_manifest(stages={name: {"key": key, "seconds": round(time.time() - started, 2), **extra}})
+
+
+def run_corpus(run: RunDir, cfg: S2LConfig, tokenizer_dir: str) -> dict:
+    from .corpus import input_fingerprint, store
+
+    key = _key(input_fingerprint(cfg.corpus), to_dict(cfg.text), tokenizer_dir)
+    if (rec := _stage(run, "corpus", key)) is not None:
+        log(f"corpus: reusing {run.read_manifest()['corpus']['rows']} stored rows")
+        return run.read_manifest()["corpus"]
+    if run.done_points() or run.proxy_checkpoints():
+        raise LayoutError(f"{run.uri} holds trajectories of another corpus or text config; "
+                          "use a new --output or delete that directory")
+    log(f"corpus: reading {cfg.corpus.path}")
+    started = time.time()
+    stats = store(run, cfg.corpus, cfg.text, tokenizer_dir)
+    run.update_manifest(corpus=stats)
+    _finish(run, "corpus", key, started)
+    log(f"corpus: {stats['rows']} rows, {len(stats['sources'])} sources, {stats['truncated']} truncated to "
+        f"{cfg.text.max_length} tokens ({time.time() - started:.1f}s)")
+    return stats
+
+
+def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
+    from . import proxy
+
+    p = to_dict(cfg.proxy)
+    for perf in ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu"):
+        p.pop(perf)
+    key = _key(corpus["fingerprint"], p, cfg.proxy.num_workers, cfg.seed)
+    rec = run.read_manifest().get("stages", {}).get("proxy")
+    if rec and rec.get("key") != key:
+        raise LayoutError(f"{run.uri} holds trajectories made with another proxy config or seed; "
+                          "use a new --output or delete that directory")
+    run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec)}})
+    log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
+        f"{cfg.proxy.num_workers} workers")
+    started = time.time()
+    stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], cfg.seed)
+    run.update_manifest(proxy=stats)
+    _finish(run, "proxy", key, started)
+    log(f"proxy: trajectories complete in {run.trajectories_dir} ({time.time() - started:.1f}s; "
+        f"reused points {stats['reused_points']})")
+    return stats
+
+
+def select(cfg: S2LConfig) -> dict:
+    """The whole selection run; returns the manifest."""
+    run = RunDir(cfg.output)
+    run.ensure()
+    _ensure_ray()
+    total = time.time()
+    cfg, tokenizer_dir, inputs = prepare_inputs(cfg)
+    run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv)
+    corpus = run_corpus(run, cfg, tokenizer_dir)
+    run_proxy(run, cfg, inputs, corpus)
+    return run.update_manifest(total_seconds=round(time.time() - total, 2))

@@ -1,0 +1,248 @@
+"""The proxy stage: Ray Train fine-tunes the small model; each trajectory point is scored as it lands.
+
+Training reports a checkpoint at T steps spread evenly over training. A Ray Train callback
+(run in the Train controller) hands each persisted checkpoint to a scoring coordinator actor,
+which runs the Ray Data scoring job for it (``scoring.score_point``) one point after another
+while training goes on. A rerun into the same run directory scores the checkpoints that were
+persisted but not scored, and resumes training from the latest checkpoint if T was not reached.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ray
+import torch
+from ray.train import Checkpoint
+
+from .config import ProxyConfig, ScoringConfig
+from .layout import RunDir
+from .scoring import labels_from, score_point
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the T trajectory points fall in training."""
+
+    rows_per_worker: int
+    steps_per_epoch: int
+    total_steps: int
+    point_steps: tuple[int, ...]
+
+
+def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
+    """Steps per epoch (each worker gets an equal share of rows) and T evenly spaced points ending at the last step."""
+    per_worker = n_rows // cfg.num_workers
+    if per_worker == 0:
+        raise ValueError(f"{n_rows} rows cannot be split over {cfg.num_workers} workers")
+    spe = math.ceil(per_worker / cfg.batch_size)
+    total = spe * cfg.epochs
+    if not 1 <= cfg.num_points <= total:
+        raise ValueError(f"proxy.num_points={cfg.num_points} must be between 1 and the {total} training steps")
+    points = tuple(round((t + 1) * total / cfg.num_points) for t in range(cfg.num_points))
+    return Plan(per_worker, spe, total, points)
+
+
+def resolve_gpu(cfg: ProxyConfig) -> bool:
+    if cfg.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.use_gpu.lower() in ("true", "1", "yes")
+
+
+def _initial_model(spec: dict) -> torch.nn.Module:
+    """``{"dir": local model dir}`` (present on every node) or ``{"config": ..., "seed": ...}``."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_model
+
+    if spec.get("dir"):
+        return load_model(spec["dir"])
+    torch.manual_seed(spec["seed"])
+    return AutoModelForCausalLM.from_config(spec["config"])
+
+
+def _save_checkpoint(model: torch.nn.Module, optimizer, scheduler, step: int, t: int, path: str) -> None:
+    model.save_pretrained(os.path.join(path, "model"), safe_serialization=True)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "t": t},
+               os.path.join(path, "state.pt"))
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker loop: the proxy fine-tuning run with T checkpoint reports."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file
+    from transformers import get_scheduler
+
+    from .text import collate
+
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    model = _initial_model(config["model"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    scheduler = get_scheduler(config["schedule"], optimizer, num_warmup_steps=config["warmup_steps"],
+                              num_training_steps=config["total_steps"])
+    step = 0
+    resume = ray.train.get_checkpoint() or config["resume"]
+    if resume is not None:
+        with resume.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model", "model.safetensors")), strict=False)
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        print(f"[proxy] rank {rank}: resumed from step {step} (trajectory point {state['t']})", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    inner = model.module if hasattr(model, "module") else model
+    amp = torch.bfloat16 if device.type == "cuda" and config["precision"] in ("auto", "bf16") else None
+    points = {s: t for t, s in enumerate(config["point_steps"])}
+    spe, pad = config["steps_per_epoch"], config["pad_id"]
+    shard = ray.train.get_dataset_shard("train")
+    model.train()
+    recent: list[float] = []
+    started = time.time()
+    for epoch in range(step // spe, config["epochs"]):
+        skip = step - epoch * spe
+        batches = shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
+                                     local_shuffle_buffer_size=config["shuffle_buffer"],
+                                     local_shuffle_seed=config["seed"] + 7919 * epoch + rank)
+        for i, batch in enumerate(batches):
+            if i >= spe:
+                break
+            if i < skip:
+                continue
+            ids = [list(x) for x in batch["input_ids"]]
+            b = collate(ids, [labels_from(x, int(p)) for x, p in zip(ids, batch["n_prompt"])], pad)
+            b = {k: v.to(device) for k, v in b.items()}
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = model(**b).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            recent.append(loss.item())
+            if step in points:
+                t = points[step]
+                metrics = {"t": t, "step": step, "epoch": epoch, "train_loss": float(np.mean(recent)),
+                           "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
+                recent = []
+                print(f"[proxy] point {t + 1}/{len(points)} at step {step}/{config['total_steps']} "
+                      f"train_loss={metrics['train_loss']:.4f}", flush=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    if rank == 0:
+                        _save_checkpoint(inner, optimizer, scheduler, step, t, tmp)
+                        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                         checkpoint_dir_name=f"point-{t:03d}")
+                    else:
+                        ray.train.report(metrics)
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class ScoringCoordinator:
+    """Receives persisted checkpoints and scores them one after another in a background thread."""
+
+    def __init__(self, run_uri: str, cfg: ScoringConfig, use_gpu: bool, precision: str, n_rows: int):
+        self.run = RunDir(run_uri)
+        self.args = (cfg, use_gpu, precision, n_rows)
+        self.queue: queue.Queue = queue.Queue()
+        self.results: list[dict] = []
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def submit(self, t: int, step: int, checkpoint: Checkpoint) -> None:
+        self.run.mark_checkpoint(t, {"step": step, "path": checkpoint.path})
+        self.queue.put((t, step, checkpoint))
+
+    def _work(self) -> None:
+        task = ray.remote(num_cpus=0, max_retries=2)(score_point)
+        while (item := self.queue.get()) is not None:
+            t, step, ckpt = item
+            cfg, use_gpu, precision, n_rows = self.args
+            try:
+                rec = ray.get(task.remote(self.run.uri, t, step, ckpt, cfg, use_gpu, precision, n_rows))
+                print(f"[scoring] point {t}: {rec['rows']} rows scored in {rec['seconds']:.1f}s", flush=True)
+                self.results.append(rec)
+            except Exception as e:  # reported by finish(); later points still run
+                self.errors.append(f"trajectory point {t}: {e}")
+
+    def finish(self) -> list[dict]:
+        """Wait for every submitted point; raise if any failed."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.errors:
+            raise RuntimeError("; ".join(self.errors))
+        return self.results
+
+
+def _trajectory_callback(coordinator):
+    from ray.train.v2.api.callback import UserCallback
+
+    class TrajectoryCallback(UserCallback):
+        """Hands each reported checkpoint to the scoring coordinator."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is not None:
+                m = metrics[0]
+                ray.get(coordinator.submit.remote(int(m["t"]), int(m["step"]), checkpoint))
+
+    return TrajectoryCallback()
+
+
+def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dict, n_rows: int, pad_id: int,
+        seed: int, max_failures: int = 3) -> dict:
+    """Train the proxy and score every trajectory point not yet done; returns stage statistics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = make_plan(n_rows, proxy)
+    done = run.done_points()
+    ckpts = run.proxy_checkpoints()
+    todo = [t for t in range(proxy.num_points) if t not in done]
+    stats = {"plan": asdict(plan), "reused_points": sorted(done), "trained": False}
+    if not todo:
+        return stats
+    use_gpu = resolve_gpu(proxy)
+    coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
+    for t in todo:  # persisted before an interruption, never scored
+        if t in ckpts:
+            ray.get(coordinator.submit.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
+    last = max(ckpts) if ckpts else None
+    if last is None or last < proxy.num_points - 1:
+        resume = Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None
+        ds = ray.data.read_parquet(run.corpus_files(), filesystem=run.fs, columns=["input_ids", "n_prompt"],
+                                   num_cpus=0.25).randomize_block_order(seed=seed)
+        config = {
+            "model": model_spec, "lr": proxy.lr, "weight_decay": proxy.weight_decay, "schedule": proxy.schedule,
+            "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
+            "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": seed, "precision": proxy.precision,
+            "threads": max(1, int(proxy.cpus_per_worker)), "pad_id": pad_id, "resume": resume,
+            "shuffle_buffer": max(proxy.batch_size * 64, 1024),
+        }
+        resources = {"CPU": proxy.cpus_per_worker} | ({"GPU": proxy.gpus_per_worker} if use_gpu else {})
+        trainer = TorchTrainer(
+            train_loop, train_loop_config=config, datasets={"train": ds},
+            scaling_config=ScalingConfig(num_workers=proxy.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"proxy-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=run.uri_of("proxy"),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+                failure_config=FailureConfig(max_failures=max_failures),
+                callbacks=[_trajectory_callback(coordinator)]))
+        started = time.time()
+        trainer.fit()
+        stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2))
+    stats["scored"] = ray.get(coordinator.finish.remote())
+    ray.kill(coordinator)
+    return stats

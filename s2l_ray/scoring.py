@@ -1,0 +1,138 @@
+"""Exact per-example loss, batched: the core function and the Ray Data job run per checkpoint.
+
+An example's loss is the mean token cross-entropy over its response tokens, as if it were
+scored alone: sequences are right-padded (a causal model's real tokens never attend to the
+padding after them), labels on padding and prompt are ignored, and the reduction is per row.
+Rows are grouped by length so that a forward pass wastes little on padding.
+"""
+from __future__ import annotations
+
+import math
+import posixpath
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from .config import ScoringConfig
+from .layout import TRAJECTORY_SCHEMA, RunDir, exists
+from .text import IGNORE_INDEX, collate, length_buckets
+
+
+@torch.inference_mode()
+def example_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row mean response cross-entropy, mean gold-token probability and response-token count.
+
+    Rows with no response token get NaN loss and confidence.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                         reduction="none")
+    mask = (target != IGNORE_INDEX).float()
+    n = mask.sum(1)
+    loss = (ce * mask).sum(1) / n
+    conf = (torch.exp(-ce) * mask).sum(1) / n
+    return loss, conf, n.long()
+
+
+def labels_from(ids: list[int], n_prompt: int) -> list[int]:
+    return [IGNORE_INDEX] * n_prompt + list(ids[n_prompt:])
+
+
+def score_rows(model: torch.nn.Module, input_ids: list, n_prompt: list[int], pad_id: int, max_tokens: int,
+               device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+    """Score rows (token ids + prompt lengths) in length buckets; outputs follow the input order."""
+    n = len(input_ids)
+    loss = np.empty(n, np.float32)
+    conf = np.empty(n, np.float32)
+    count = np.empty(n, np.int32)
+    for bucket in length_buckets([len(x) for x in input_ids], max_tokens):
+        b = collate([input_ids[i] for i in bucket], [labels_from(input_ids[i], n_prompt[i]) for i in bucket], pad_id)
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            lo, co, nt = example_losses(model, b["input_ids"], b["labels"], b["attention_mask"])
+        loss[bucket], conf[bucket], count[bucket] = lo.cpu().numpy(), co.cpu().numpy(), nt.cpu().numpy()
+    return {"loss": loss, "confidence": conf, "n_tokens": count}
+
+
+class LossScorer:
+    """Ray Data actor: loads one checkpoint's model once, scores batches of stored-corpus rows."""
+
+    def __init__(self, checkpoint: Any, t: int, step: int, max_tokens: int, precision: str):
+        from .models import load_model
+
+        use_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.autocast = torch.bfloat16 if use_gpu and precision in ("auto", "bf16") else None
+        with checkpoint.as_directory() as d:
+            self.model = load_model(posixpath.join(d, "model")).to(self.device).eval()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.t, self.step, self.max_tokens = t, step, max_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("input_ids").to_pylist()
+        out = score_rows(self.model, ids, batch.column("n_prompt").to_pylist(), self.pad_id, self.max_tokens,
+                         self.device, self.autocast)
+        n = batch.num_rows
+        return pa.table({
+            "idx": batch.column("idx"), "id": batch.column("id"),
+            "checkpoint": pa.array(np.full(n, self.t, np.int32)),
+            "step": pa.array(np.full(n, self.step, np.int64)),
+            "loss": out["loss"], "confidence": out["confidence"], "n_tokens": out["n_tokens"],
+        }, schema=TRAJECTORY_SCHEMA)
+
+
+def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
+                precision: str, expected_rows: int) -> dict:
+    """Score the whole stored corpus with one checkpoint; write ``trajectories/checkpoint=t``.
+
+    Anything left in that folder by an interrupted attempt is removed first; the point is
+    recorded as done only once every row is written.
+    """
+    import ray.data
+
+    run = RunDir(run_uri)
+    start = time.time()
+    out_dir = run.trajectory_dir(t)
+    if exists(run.fs, out_dir):
+        run.fs.delete_dir(out_dir)
+    run.fs.create_dir(out_dir, recursive=True)
+    files = run.corpus_files()
+    ds = ray.data.read_parquet(files, filesystem=run.fs, columns=["idx", "id", "input_ids", "n_prompt"],
+                               num_cpus=0.25)
+    blocks = max(cfg.num_actors * 4, math.ceil(expected_rows / cfg.rows_per_batch))
+    ds = ds.repartition(blocks).map_batches(
+        LossScorer, fn_constructor_args=(checkpoint, t, step, cfg.max_tokens, precision),
+        batch_size=cfg.rows_per_batch, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+        max_restarts=-1, max_task_retries=-1)
+    ds.write_parquet(out_dir, filesystem=run.fs)
+    written = sorted(f.path for f in run.fs.get_file_info(pa.fs.FileSelector(out_dir))
+                     if f.path.endswith(".parquet"))
+    rows = sum(pq.ParquetFile(run.fs.open_input_file(f)).metadata.num_rows for f in written)
+    if rows != expected_rows:
+        raise RuntimeError(f"trajectory point {t}: wrote {rows} rows, expected {expected_rows}")
+    record = {"step": step, "files": written, "rows": rows, "seconds": round(time.time() - start, 3)}
+    run.mark_point_done(t, record)
+    return {"t": t, **record}
+
+
+def reference_losses(model: torch.nn.Module, rows: list[dict], tokenizer: Any, template: str,
+                     max_length: int) -> np.ndarray:
+    """One example at a time (the official S2L loop): tokenise, forward with labels, take the loss."""
+    from .text import tokenize_batch
+
+    out = np.empty(len(rows), np.float32)
+    with torch.inference_mode():
+        for i, r in enumerate(rows):
+            enc = tokenize_batch(tokenizer, [r["prompt"]], [r["response"]], template, max_length)
+            ids = torch.tensor(enc["input_ids"])
+            out[i] = model(input_ids=ids, labels=torch.tensor(enc["labels"])).loss.item()
+    return out
