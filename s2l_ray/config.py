@@ -129,6 +129,69 @@ class S2LConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
 
 
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning the target on the selected subset: DeepSpeed ZeRO inside Ray Train.
+
+    ``corpus.path`` is a selection run directory (its ``selected.jsonl``, or
+    ``selected-<budget>.jsonl`` when it holds several budgets) or any corpus path; the other
+    ``corpus`` fields map its columns. Values ``"auto"`` in the DeepSpeed JSON are filled from
+    the fields below.
+    """
+
+    output: str = "runs/demo-target"
+    model: str = ""  # local HF model dir; empty: a fresh `preset` model with the demo tokenizer
+    preset: str = "small"  # see models.PRESETS
+    budget: int = 0  # which selected-<budget>.jsonl of a run dir holding several; 0: its selected.jsonl
+    seed: int = 0
+    epochs: int = 3
+    lr: float = 1e-3  # suits the demo's from-scratch target; ~2e-5 for a pretrained model
+    schedule: str = "cosine"  # cosine | linear | constant_with_warmup (transformers.get_scheduler names)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    micro_batch_size: int = 8  # rows per worker per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # 0: no clipping
+    checkpoint_every: int = 50  # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # worker-group restarts from the last checkpoint
+    zero_stage: int = 2  # 2 | 3
+    deepspeed_config: str = ""  # DeepSpeed JSON; empty: configs/ds_zero<zero_stage>.json
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
+    num_workers: int = 2
+    use_gpu: str = "auto"  # auto | true | false
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    cpus_per_worker: float = 1.0  # torch threads per worker = max(1, int(this))
+    gpus_per_worker: float = 1.0
+    shuffle_buffer: int = 10000  # rows in each worker's per-epoch shuffle buffer
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    """Greedy generation and exact-match scoring of a model on an evaluation set.
+
+    ``corpus.path`` is the evaluation set (empty: the demo's ``eval.jsonl``); rows have a prompt,
+    a response (for the teacher-forced loss), optionally a source and a gold answer column
+    (else the text after the response's last ``####``). Use the fine-tuning run's ``text``.
+    """
+
+    model: str = "runs/demo-target"  # HF model dir, or a fine-tuning output dir holding model/
+    output: str = ""  # empty: <fine-tuning output>/eval, or <model>/eval for a plain model dir
+    answer: str = "answer"  # gold answer column (optional in the data)
+    max_new_tokens: int = 256
+    limit: int = 0  # evaluate the first N rows only; 0: all
+    batch_size: int = 32  # rows per generate() call
+    num_actors: int = 2
+    cpus_per_actor: float = 0.5  # fractional, so that Ray Data read tasks still get a CPU
+    gpus_per_actor: float = 1.0  # used only on GPU
+    use_gpu: str = "auto"  # auto | true | false
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):

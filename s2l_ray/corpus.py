@@ -78,11 +78,10 @@ def discover(cfg: CorpusConfig) -> tuple[str, list[str]]:
     return fmt, [uri(f) for f in files]
 
 
-def _jsonl_chunks(uri: str) -> Iterator[tuple[list[dict], int]]:
+def _jsonl_chunks(uri: str) -> Iterator[list[dict]]:
     fs, path = resolve(uri)
     compression = "gzip" if path.endswith(".gz") else None
     rows: list[dict] = []
-    first = 1
     with fs.open_input_stream(path, compression=compression) as f:
         data = f.read()
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
@@ -101,13 +100,13 @@ def _jsonl_chunks(uri: str) -> Iterator[tuple[list[dict], int]]:
         obj["__line"] = lineno
         rows.append(obj)
         if len(rows) >= CHUNK_ROWS:
-            yield rows, first
-            rows, first = [], lineno + 1
+            yield rows
+            rows = []
     if rows:
-        yield rows, first
+        yield rows
 
 
-def _table_chunks(uri: str, fmt: str) -> Iterator[tuple[list[dict], int]]:
+def _table_chunks(uri: str, fmt: str) -> Iterator[list[dict]]:
     if fmt == "parquet":
         fs, path = resolve(uri)
         try:
@@ -129,7 +128,7 @@ def _table_chunks(uri: str, fmt: str) -> Iterator[tuple[list[dict], int]]:
         rows = b.to_pylist()
         for i, r in enumerate(rows):
             r["__line"] = start + i
-        yield rows, start
+        yield rows
         start += len(rows)
 
 
@@ -186,29 +185,25 @@ def _from_messages(msgs: Any, at: str, col: str) -> tuple[str, str]:
     return prompt, msgs[last].get("content", "")
 
 
-class ReadFiles:
+def read_files(batch: dict[str, np.ndarray], fmt: str, corpus: CorpusConfig, text: TextConfig,
+               tokenizer: str) -> Iterator[pa.Table]:
     """Ray Data UDF: read each file of a batch and yield normalised, tokenised chunks."""
+    from .text import tokenize_batch
 
-    def __init__(self, fmt: str, corpus: CorpusConfig, text: TextConfig, tokenizer: str):
-        self.fmt, self.corpus, self.text, self.tokenizer = fmt, corpus, text, tokenizer
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-        from .text import tokenize_batch
-
-        tok = _tokenizer(self.tokenizer)
-        for uri in batch["file"]:
-            chunks = _jsonl_chunks(uri) if self.fmt == "jsonl" else _table_chunks(uri, self.fmt)
-            for rows, _ in chunks:
-                cols = _normalise(rows, uri, self.fmt, self.corpus)
-                enc = tokenize_batch(tok, cols["prompt"], cols["response"], self.text.template, self.text.max_length)
-                cols["input_ids"] = enc["input_ids"]
-                cols["n_tokens"] = [len(x) for x in enc["input_ids"]]
-                cols["n_response"] = enc["n_response"]
-                cols["n_prompt"] = [a - b for a, b in zip(cols["n_tokens"], enc["n_response"])]
-                cols["truncated"] = enc["truncated"]
-                cols["row_hash"] = [hashlib.sha1("\x1f".join(v).encode()).hexdigest()[:20] for v in
-                                    zip(cols["id"], cols["source"], cols["prompt"], cols["response"])]
-                yield pa.Table.from_pydict(cols, schema=READ_SCHEMA)
+    tok = _tokenizer(tokenizer)
+    for uri in batch["file"]:
+        chunks = _jsonl_chunks(uri) if fmt == "jsonl" else _table_chunks(uri, fmt)
+        for rows in chunks:
+            cols = _normalise(rows, uri, fmt, corpus)
+            enc = tokenize_batch(tok, cols["prompt"], cols["response"], text.template, text.max_length)
+            cols["input_ids"] = enc["input_ids"]
+            cols["n_tokens"] = [len(x) for x in enc["input_ids"]]
+            cols["n_response"] = enc["n_response"]
+            cols["n_prompt"] = [a - b for a, b in zip(cols["n_tokens"], enc["n_response"])]
+            cols["truncated"] = enc["truncated"]
+            cols["row_hash"] = [hashlib.sha1("\x1f".join(v).encode()).hexdigest()[:20] for v in
+                                zip(cols["id"], cols["source"], cols["prompt"], cols["response"])]
+            yield pa.Table.from_pydict(cols, schema=READ_SCHEMA)
 
 
 def read(cfg: CorpusConfig, text: TextConfig, tokenizer: str):
@@ -217,7 +212,7 @@ def read(cfg: CorpusConfig, text: TextConfig, tokenizer: str):
 
     fmt, files = discover(cfg)
     return ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).map_batches(
-        ReadFiles, fn_constructor_args=(fmt, cfg, text, tokenizer), batch_size=1,
+        read_files, fn_args=(fmt, cfg, text, tokenizer), batch_size=1,
         batch_format="numpy", num_cpus=0.5)
 
 
@@ -269,8 +264,6 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     Rows are numbered (``idx``) in input order, deterministically. Nothing is recorded in the
     manifest unless the whole corpus is valid, and the part files of a failed attempt are removed.
     """
-    import ray.data
-
     from .layout import write_parquet_atomic
 
     ds = read(cfg, text, tokenizer)

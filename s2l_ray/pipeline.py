@@ -133,3 +133,31 @@ def select(cfg: S2LConfig) -> dict:
     corpus = run_corpus(run, cfg, tokenizer_dir)
     run_proxy(run, cfg, inputs, corpus)
     return run.update_manifest(total_seconds=round(time.time() - total, 2))
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The project's own error behind ``exc`` (Ray wraps errors raised in tasks and actors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__module__.startswith("s2l_ray"):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(fn) -> int:
+    """Run a job body; the project's errors become one clear line and exit status 2."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - anything not ours is re-raised with its traceback
+        err = _user_error(e)
+        if err is None:
+            raise
+        return fail(str(err))
+    return 0

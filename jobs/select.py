@@ -1,0 +1,47 @@
+"""Run S2L selection: corpus -> proxy training + loss trajectories -> clusters -> selected subset.
+
+With no arguments it runs the built-in maths demo on a local Ray instance (CPU is fine):
+
+    python jobs/select.py
+    ray job submit --working-dir . -- python jobs/select.py --config configs/paper_mathinstruct.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from s2l_ray import pipeline
+from s2l_ray.config import load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--data", help="corpus: JSONL/Parquet file, folder of shards, datasets dir, or URI")
+    p.add_argument("--output", help="run directory (local path or URI such as s3://bucket/run)")
+    p.add_argument("--budget", help="subset size: a count (3000) or a fraction (0.1); comma-separate several")
+    p.add_argument("--method", help="selection method (default s2l)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--clusters", type=int, help="K for k-means")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers for the proxy")
+    p.add_argument("--proxy-model", help="local directory of the proxy causal LM (default: tiny preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set proxy.epochs=2 (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    overrides = {"corpus.path": a.data, "output": a.output, "select.budgets": a.budget, "select.method": a.method,
+                 "seed": a.seed, "cluster.k": a.clusters, "proxy.num_workers": a.num_workers,
+                 "proxy.model": a.proxy_model}
+    for kv in a.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            return pipeline.fail(f"--set expects KEY=VALUE, got {kv!r}")
+        overrides[key.strip()] = value
+    return pipeline.main(lambda: pipeline.select(load_config(a.config, overrides)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""K-means on the loss trajectories: fit on a sample, assign every example with Ray Data.
+
+The fit runs in the driver on at most ``k * max_points_per_centroid`` uniformly sampled rows
+(faiss's own default cap, 256 per centroid): faiss on CPU, cuML on GPU. Assignment of all N rows
+runs as Ray Data tasks over blocks of the trajectory matrix; ``distance`` is the squared L2
+distance to the assigned centroid, computed per row so that it does not depend on blocking.
+
+With ``per_source`` one k-means is fitted per corpus source (sources in name order), with
+``min(k, rows of the source)`` clusters each, as the official code does; cluster ids are made
+globally unique by offsetting each source's ids by the clusters of the sources before it.
+
+``clusters.parquet`` rows follow the corpus idx order; its schema metadata records the corpus
+fingerprint so that later stages can refuse a stale file.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import trajectories
+from .config import ClusterConfig
+from .layout import CLUSTERS_SCHEMA, RunDir, open_output_atomic
+
+BACKENDS = ("auto", "faiss", "cuml")
+ASSIGN_CHUNK = 65536  # rows per faiss search call inside assign()
+MAX_BLOCK_ROWS = 500_000  # rows per Ray Data assignment task at most; at least 8 tasks otherwise
+
+
+class ClusteringError(ValueError):
+    """Clustering cannot run with these settings or inputs."""
+
+
+# backends -----------------------------------------------------------------------------------------
+
+def cuml_usable() -> bool:
+    """cuML imports and CUDA sees at least one GPU."""
+    try:
+        import cuml  # noqa: F401
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except (ImportError, OSError, RuntimeError):
+        return False
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` is cuml when usable, else faiss; an unusable cuml is an error."""
+    if name not in BACKENDS:
+        raise ClusteringError(f"cluster.backend must be one of {list(BACKENDS)}, not {name!r}")
+    if name == "auto":
+        return "cuml" if cuml_usable() else "faiss"
+    if name == "cuml" and not cuml_usable():
+        raise ClusteringError("cluster.backend 'cuml' needs cuML (pip install 's2l-ray[gpu]') and a visible GPU; "
+                              "use 'faiss' or 'auto'")
+    return name
+
+
+def _fit_faiss(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max(1, -(-len(x) // k)))
+    km.train(x)
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def _fit_cuml(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    from cuml.cluster import KMeans
+
+    km = KMeans(n_clusters=k, max_iter=niter, random_state=seed, init="scalable-k-means++", output_type="numpy")
+    km.fit(x)
+    return np.asarray(km.cluster_centers_, dtype=np.float32)
+
+
+FITTERS = {"faiss": _fit_faiss, "cuml": _fit_cuml}
+
+
+# fit and assign (pure) ----------------------------------------------------------------------------
+
+def check_k(k: int, n: int, what: str = "the corpus") -> None:
+    if k < 1:
+        raise ClusteringError(f"cluster.k must be >= 1, got {k}")
+    if k > n:
+        raise ClusteringError(f"cluster.k = {k} is larger than the number of examples in {what} ({n}); "
+                              "lower cluster.k")
+
+
+def sample_size(n: int, k: int, max_points_per_centroid: int) -> int:
+    return min(n, k * max_points_per_centroid)
+
+
+def fit_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``k * max_points_per_centroid`` of n rows, uniformly at random."""
+    m = sample_size(n, k, max_points_per_centroid)
+    if m == n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+
+
+def fit(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, backend: str = "faiss",
+        max_points_per_centroid: int = 256, rows: np.ndarray | None = None) -> np.ndarray:
+    """Centroids [k, d] of k-means fitted on a seeded sample of x (of ``x[rows]`` when given)."""
+    n = len(x) if rows is None else len(rows)
+    check_k(k, n)
+    if max_points_per_centroid < 1:
+        raise ClusteringError(f"cluster.max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
+    sample = fit_sample(n, k, max_points_per_centroid, seed)
+    xs = np.ascontiguousarray(x[sample if rows is None else rows[sample]], dtype=np.float32)
+    return FITTERS[resolve_backend(backend)](xs, k, niter, seed)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (int32) and squared L2 distance to it (float32) for every row of x."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(x), np.int32)
+    dist = np.empty(len(x), np.float32)
+    for s in range(0, len(x), ASSIGN_CHUNK):
+        xb = np.ascontiguousarray(x[s:s + ASSIGN_CHUNK], dtype=np.float32)
+        lab = index.search(xb, 1)[1][:, 0].astype(np.int32)
+        labels[s:s + len(xb)] = lab
+        dist[s:s + len(xb)] = ((xb - centroids[lab]) ** 2).sum(axis=1)
+    return labels, dist
+
+
+def assign_grouped(x: np.ndarray, groups: np.ndarray, centroids: list[np.ndarray],
+                   offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``assign`` within each row's group (``centroids[g]``), cluster ids shifted by ``offsets[g]``."""
+    labels = np.empty(len(x), np.int32)
+    dist = np.empty(len(x), np.float32)
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        lab, d = assign(x[rows], centroids[g])
+        labels[rows], dist[rows] = lab + offsets[g], d
+    return labels, dist
+
+
+# parallel assignment with Ray Data -----------------------------------------------------------------
+
+def _assign_block(batch: pa.Table, centroids: list[np.ndarray], offsets: np.ndarray) -> pa.Table:
+    """Ray Data UDF: one block of (row, group, x) to (row, cluster, distance)."""
+    col = batch.column("x").combine_chunks()
+    x = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+    labels, dist = assign_grouped(x, batch.column("group").to_numpy(), centroids, offsets)
+    return pa.table({"row": batch.column("row"), "cluster": labels, "distance": dist})
+
+
+def _blocks(x: np.ndarray, groups: np.ndarray, rows_per_block: int) -> list[pa.Table]:
+    out = []
+    for s in range(0, len(x), rows_per_block):
+        xb = np.ascontiguousarray(x[s:s + rows_per_block], dtype=np.float32)
+        out.append(pa.table({
+            "row": pa.array(np.arange(s, s + len(xb), dtype=np.int64)),
+            "group": pa.array(groups[s:s + len(xb)].astype(np.int32)),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel()), xb.shape[1])}))
+    return out
+
+
+def assign_ray(x: np.ndarray, centroids: list[np.ndarray], groups: np.ndarray | None = None,
+               offsets: np.ndarray | None = None, *, rows_per_block: int | None = None,
+               num_cpus: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``assign_grouped`` over all rows as Ray Data tasks, one per block, results streamed back.
+
+    ``rows_per_block`` defaults to N/8 capped at MAX_BLOCK_ROWS.
+    """
+    import ray.data
+
+    groups = np.zeros(len(x), np.int32) if groups is None else groups
+    rows_per_block = rows_per_block or max(1, min(MAX_BLOCK_ROWS, -(-len(x) // 8)))
+    offsets = np.zeros(len(centroids), np.int64) if offsets is None else offsets
+    ds = ray.data.from_arrow(_blocks(x, groups, rows_per_block)).map_batches(
+        _assign_block, fn_kwargs={"centroids": centroids, "offsets": offsets},
+        batch_size=None, batch_format="pyarrow", num_cpus=num_cpus)
+    labels = np.full(len(x), -1, np.int32)
+    dist = np.empty(len(x), np.float32)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        labels[batch["row"]], dist[batch["row"]] = batch["cluster"], batch["distance"]
+    if (labels < 0).any():
+        raise ClusteringError(f"Ray Data assignment returned no result for {int((labels < 0).sum())} rows")
+    return labels, dist
+
+
+# the run-level stage ------------------------------------------------------------------------------
+
+def codes_of(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Integer codes (int32) of a string column and its distinct values in sorted order."""
+    enc = pc.dictionary_encode(col).combine_chunks()
+    names = enc.dictionary.to_pylist()
+    rank = np.empty(len(names), np.int32)
+    rank[np.argsort(names)] = np.arange(len(names), dtype=np.int32)
+    return rank[enc.indices.to_numpy()], sorted(names)
+
+
+def corpus_sources(run: RunDir) -> tuple[np.ndarray, list[str]]:
+    """Each corpus row's source code (idx order) and the source names."""
+    return codes_of(pq.read_table(run.corpus_files(), columns=["source"], filesystem=run.fs).column("source"))
+
+
+def cluster_means(x: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """The mean trajectory of each cluster [K, T'] (NaN for an empty cluster)."""
+    sizes = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+    sums = np.stack([np.bincount(labels, weights=x[:, j], minlength=n_clusters) for j in range(x.shape[1])], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / sizes[:, None]
+
+
+def write_clusters(run: RunDir, labels: np.ndarray, dist: np.ndarray, fingerprint: str | None) -> None:
+    """Stream ``clusters.parquet`` corpus file by corpus file (ids and sources read from the corpus)."""
+    schema = CLUSTERS_SCHEMA.with_metadata({"corpus_fingerprint": fingerprint or ""})
+    start = 0
+    with open_output_atomic(run.fs, run.clusters) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
+        for path in run.corpus_files():
+            part = pq.read_table(path, columns=["id", "source"], filesystem=run.fs)
+            end = start + part.num_rows
+            if end > len(labels):
+                raise ClusteringError(f"{path}: the corpus files hold more rows than the manifest's {len(labels)}")
+            w.write_table(pa.table({"id": part.column("id"), "source": part.column("source"),
+                                    "cluster": labels[start:end], "distance": dist[start:end]}, schema=schema))
+            start = end
+    if start != len(labels):
+        raise ClusteringError(f"the corpus files hold {start} rows, the manifest {len(labels)}")
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str) -> Iterator[None]:
+    start = time.time()
+    yield
+    timings[name] = round(time.time() - start, 3)
+
+
+def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int | None = None,
+                rows_per_block: int | None = None, num_cpus: float = 0.5, report: bool = True) -> dict:
+    """Trajectories to ``clusters.parquet`` (and ``report.png``); returns statistics for the manifest.
+
+    ``num_points`` is the proxy's T (None: inferred from the done points). Assignment runs as
+    Ray Data tasks of ``rows_per_block`` rows reserving ``num_cpus`` each.
+    """
+    timings: dict[str, float] = {}
+    backend = resolve_backend(cfg.backend)
+    with _timed(timings, "load"):
+        traj = trajectories.load(run, cfg, num_points)
+        x, n = traj.x, len(traj.x)
+        if cfg.per_source:
+            codes, names = corpus_sources(run)
+            groups = [np.flatnonzero(codes == g) for g in range(len(names))]
+            ks = [min(cfg.k, len(r)) for r in groups]
+        else:
+            check_k(cfg.k, n)
+            codes, names, groups, ks = None, [], [None], [cfg.k]
+    with _timed(timings, "fit"):
+        centroids = [fit(x, kg, niter=cfg.niter, seed=seed, backend=backend,
+                         max_points_per_centroid=cfg.max_points_per_centroid, rows=r) for kg, r in zip(ks, groups)]
+    offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
+    with _timed(timings, "assign"):
+        labels, dist = assign_ray(x, centroids, codes, offsets, rows_per_block=rows_per_block, num_cpus=num_cpus)
+    fingerprint = run.read_manifest().get("corpus", {}).get("fingerprint")
+    with _timed(timings, "write"):
+        write_clusters(run, labels, dist, fingerprint)
+    n_clusters = int(sum(ks))
+    sizes = np.bincount(labels, minlength=n_clusters)
+    if report:
+        from .report import write_report
+
+        with _timed(timings, "report"):
+            write_report(run, cluster_means(x, labels, n_clusters), sizes, traj.steps)
+    samples = [sample_size(n if r is None else len(r), kg, cfg.max_points_per_centroid) for kg, r in zip(ks, groups)]
+    stats = {"backend": backend, "k": n_clusters, "per_source": cfg.per_source, "rows": n,
+             "points": traj.points, "steps": traj.steps, "sample_size": int(sum(samples)),
+             "inertia": float(dist.sum(dtype=np.float64)), "cluster_sizes": sizes.tolist(),
+             "empty_clusters": int((sizes == 0).sum()), "nan_count": traj.nan_count,
+             "fingerprint_checked": traj.fingerprint_checked, "timings": timings}
+    if cfg.per_source:
+        stats["sources"] = {s: {"rows": len(r), "k": kg, "first_cluster": int(o)}
+                            for s, r, kg, o in zip(names, groups, ks, offsets)}
+    return stats

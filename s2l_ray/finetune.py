@@ -1,0 +1,469 @@
+"""Target fine-tuning: DeepSpeed ZeRO inside a Ray Train TorchTrainer, resumable, exported as a HF model.
+
+Every worker trains the same causal LM with ``deepspeed.initialize`` (a plain
+``torch.optim.AdamW`` and a transformers LR schedule, so no DeepSpeed op is compiled) on its
+Ray Data shard of the selected rows, tokenised with the proxy stage's template and
+response-only labels. Every ``checkpoint_every`` optimizer steps all ranks write their
+DeepSpeed shards and report them as one Ray Train checkpoint. A restarted worker group, and a
+rerun of the same command into the same output, resume from the latest checkpoint Ray
+recorded (same run name and storage path), skipping the micro-batches already consumed in
+that epoch. The last checkpoint also holds the model gathered from the ZeRO shards, which the
+driver copies out as a plain Hugging Face directory::
+
+    <output>/
+      train/          Ray Train storage: checkpoints (DeepSpeed shards of every rank) and Ray's run record
+      model/          the fine-tuned model (safetensors) and its tokenizer
+      finetune.json   config, data, plan, status, per-step log and the step each attempt started at
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, DemoConfig, FinetuneConfig, from_dict, to_dict
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+RUN_NAME = "train"  # Ray Train run name under <output>: fixed, so that a rerun resumes its record
+DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each reported checkpoint
+STATE_FILE = "trainer_state.json"  # step, plan and log, written by rank 0 into each checkpoint
+HF_DIR = "hf"  # the gathered model inside the final checkpoint
+SUMMARY = "finetune.json"
+# The keys of the DeepSpeed JSON that FinetuneConfig owns: "auto" (or absent) is filled in; an
+# explicit value must agree with the config.
+_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+          "gradient_clipping", "bf16.enabled", "zero_optimization.stage")
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning inputs or outputs are missing, inconsistent or unusable."""
+
+
+def log(msg: str) -> None:
+    print(f"[finetune {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many rows each worker sees and how many optimizer steps that makes."""
+
+    rows: int
+    num_workers: int
+    rows_per_worker: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def make_plan(rows: int, cfg: FinetuneConfig) -> Plan:
+    """Each worker gets ``rows // num_workers`` rows; trailing micro-batches that do not fill a step are skipped."""
+    if cfg.num_workers < 1 or cfg.micro_batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
+        raise ConfigError("num_workers, micro_batch_size, grad_accum and epochs must all be at least 1")
+    per_worker = rows // cfg.num_workers
+    micro = math.ceil(per_worker / cfg.micro_batch_size)
+    spe = micro // cfg.grad_accum
+    if spe == 0:
+        raise FinetuneError(
+            f"{rows} training rows make no optimizer step: each of the {cfg.num_workers} workers needs at least "
+            f"grad_accum={cfg.grad_accum} micro-batches of micro_batch_size={cfg.micro_batch_size} rows")
+    total = spe * cfg.epochs
+    return Plan(rows, cfg.num_workers, per_worker, micro, spe, total, int(cfg.warmup_ratio * total))
+
+
+def demo_paths() -> dict[str, str]:
+    """The demo corpus under ``demo.DEMO_ROOT``: reused as it is when present, else built with defaults."""
+    from . import demo
+
+    root = Path(demo.DEMO_ROOT)
+    if (root / "demo.json").is_file():
+        return {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"),
+                "tokenizer": str(root / "tokenizer")}
+    log(f"building the demo corpus and tokenizer in {root}")
+    return demo.build(DemoConfig(), str(root))
+
+
+def resolve_data(cfg: FinetuneConfig) -> str:
+    """The training data: a selection run dir's selected rows, or ``corpus.path`` itself."""
+    from .layout import RunDir, exists, resolve
+
+    path = cfg.corpus.path
+    if not path:
+        raise FinetuneError("no training data: pass --data (a selection run dir or a corpus path)")
+    fs, root = resolve(path)
+    info = fs.get_file_info(root)
+    if info.type.name == "NotFound":
+        raise FinetuneError(f"training data not found: {path} (run jobs/select.py first, or pass --data)")
+    if info.type.name != "Directory":
+        if cfg.budget:
+            raise FinetuneError(f"budget={cfg.budget} picks a selection inside a run directory; {path} is a file")
+        return path
+    run = RunDir(path)
+    if cfg.budget:
+        chosen = run.selected_jsonl(cfg.budget)
+        if not exists(fs, chosen):
+            raise FinetuneError(f"{path} has no selected-{cfg.budget}.jsonl (selections: {_selections(run)})")
+        return run.uri_of(os.path.basename(chosen))
+    if exists(fs, run.selected_jsonl()):
+        return run.uri_of("selected.jsonl")
+    if several := _selections(run):
+        raise FinetuneError(f"{path} holds several selections {several}; choose one with --budget")
+    if exists(fs, run.manifest):
+        raise FinetuneError(f"{path} is a selection run without selected.jsonl: the selection has not finished")
+    return path
+
+
+def _selections(run) -> list[str]:
+    from pyarrow.fs import FileSelector
+
+    return sorted(os.path.basename(i.path) for i in run.fs.get_file_info(FileSelector(run.root))
+                  if os.path.basename(i.path).startswith("selected"))
+
+
+def resolve_model(cfg: FinetuneConfig) -> str:
+    """The tokenizer directory (checked); the model dir is checked for a config.json."""
+    from .models import load_tokenizer
+
+    if cfg.model and not Path(cfg.model, "config.json").is_file():
+        raise FinetuneError(f"model directory {cfg.model} has no config.json (not a Hugging Face model dir)")
+    tokenizer = cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"]
+    load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def resolve_gpu(use_gpu: str) -> bool:
+    import ray
+
+    if use_gpu not in ("auto", "true", "false"):
+        raise ConfigError(f"use_gpu must be auto, true or false, not {use_gpu!r}")
+    if use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return use_gpu == "true"
+
+
+def resolve_bf16(precision: str, use_gpu: bool) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and use_gpu)
+
+
+def deepspeed_config(cfg: FinetuneConfig, use_gpu: bool) -> dict:
+    """The DeepSpeed config: the JSON file with its "auto" values filled from ``cfg``."""
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else CONFIG_DIR / f"ds_zero{cfg.zero_stage}.json"
+    if cfg.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"zero_stage must be 1, 2 or 3, not {cfg.zero_stage}")
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove {key!r}; the optimizer (AdamW) and schedule come from lr, schedule, "
+                              "warmup_ratio and weight_decay")
+    bf16 = resolve_bf16(cfg.precision, use_gpu)
+    values = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+              "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers,
+              "gradient_clipping": cfg.grad_clip, "bf16.enabled": bf16, "zero_optimization.stage": cfg.zero_stage}
+    for dotted in _OWNED:
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for p in parents:
+            node = node.setdefault(p, {})
+        if node.get(leaf, "auto") not in ("auto", values[dotted]):
+            raise ConfigError(f"{path}: {dotted} is {node[leaf]!r} but the fine-tuning config gives "
+                              f"{values[dotted]!r}; set it to \"auto\"")
+        node[leaf] = values[dotted]
+    if cfg.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+        ds["zero_force_ds_cpu_optimizer"] = False  # the client AdamW is used as is
+    if left := _autos(ds):
+        raise ConfigError(f"{path}: no value for {left}; replace \"auto\" with a value")
+    return ds
+
+
+def _autos(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _autos(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def load_rows(cfg: FinetuneConfig, data: str, tokenizer: str):
+    """The trainable rows (prompt, response) as a materialised Ray Dataset in input order; and statistics.
+
+    Rows left with no response token after truncation to ``text.max_length`` are dropped.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .corpus import read
+
+    ds = read(replace(cfg.corpus, path=data), cfg.text, tokenizer)
+    ds.context.execution_options.preserve_order = True
+    ds = ds.select_columns(["id", "prompt", "response", "n_response"]).materialize()
+    total = ds.count()
+
+    def trainable(t: pa.Table) -> pa.Table:
+        return t.filter(pc.greater(t["n_response"], 0)).select(["prompt", "response"])
+
+    ids = hashlib.sha256()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        ids.update("\n".join(batch.column("id").to_pylist()).encode() + b"\n")
+    kept = ds.map_batches(trainable, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+    kept.context.execution_options.preserve_order = True
+    kept = kept.materialize()
+    rows = kept.count()
+    if rows == 0:
+        raise FinetuneError(f"{data}: no row has response tokens within text.max_length={cfg.text.max_length}")
+    return kept, {"rows": rows, "dropped_no_response": total - rows, "ids_sha256": ids.hexdigest()[:32]}
+
+
+def latest_checkpoint(output: str) -> dict | None:
+    """The latest checkpoint Ray recorded for the run in ``output``: ``{"step", "path"}``, or None."""
+    from ray.train import Result
+
+    run = Path(output).resolve() / RUN_NAME
+    if not run.is_dir():
+        return None
+    try:
+        result = Result.from_path(str(run))
+    except RuntimeError:  # no run record yet
+        return None
+    if result.checkpoint is None:
+        return None
+    return {"step": int((result.metrics or {}).get("step", -1)), "path": result.checkpoint.path}
+
+
+# ---- the worker side -------------------------------------------------------------------------
+
+
+def gathered_state_dict(module: torch.nn.Module, zero_stage: int, rank: int) -> dict | None:
+    """The full state dict on rank 0 (None elsewhere); gathers ZeRO-3 partitions one parameter at a time.
+
+    A collective: every rank must call it.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=zero_stage == 3):
+            if rank == 0:
+                state[name] = p.detach().to("cpu", copy=True)
+    if rank != 0:
+        return None
+    for mod_name, mod in module.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                state[f"{mod_name}.{name}" if mod_name else name] = buf.detach().to("cpu", copy=True)
+    return state
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _save(engine, tokenizer, rank: int, zero_stage: int, state: dict, final: bool) -> None:
+    """Write this rank's DeepSpeed shards (+ rank 0: trainer state, and the gathered model at the end); report."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": state["step"]})
+        if final:
+            full = gathered_state_dict(engine.module, zero_stage, rank)
+            if rank == 0:
+                engine.module.save_pretrained(os.path.join(tmp, HF_DIR), state_dict=full)
+                tokenizer.save_pretrained(os.path.join(tmp, HF_DIR))
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+        last = state["log"][-1]
+        metrics = {"step": state["step"], "epoch": last.get("epoch", 0), "loss": last.get("loss", float("nan")),
+                   "final": final}
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step-{state['step']:07d}")
+
+
+def train_loop(loop: dict) -> None:
+    """Ray Train worker: DeepSpeed fine-tuning on this worker's shard, resuming from Ray's latest checkpoint."""
+    if not loop["use_gpu"]:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported in this process
+    import deepspeed
+    import ray.train
+    from transformers import get_scheduler
+
+    from .models import build_model, load_model, load_tokenizer
+    from .text import collate, tokenize_batch
+
+    cfg = from_dict(FinetuneConfig, loop["cfg"])
+    plan = Plan(**loop["plan"])
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    rank = ray.train.get_context().get_world_rank()
+    tokenizer = load_tokenizer(loop["tokenizer"])
+    model = load_model(cfg.model) if cfg.model else build_model(cfg.preset, tokenizer, cfg.seed, cfg.text.max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=loop["deepspeed"],
+        lr_scheduler=lambda opt: get_scheduler(cfg.schedule, opt, num_warmup_steps=plan.warmup_steps,
+                                               num_training_steps=plan.total_steps))
+    step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            loaded, _ = engine.load_checkpoint(d, tag=DS_TAG)
+            if loaded is None:
+                raise FinetuneError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under {DS_TAG}/")
+            saved = json.loads(Path(d, STATE_FILE).read_text())
+        if saved["plan"] != loop["plan"]:
+            raise FinetuneError(f"checkpoint {checkpoint.path} was made with another plan {saved['plan']}, "
+                                f"not {loop['plan']}: use a new output directory")
+        step, history = saved["step"], saved["log"]
+    history.append({"event": "start", "step": step, "time": round(time.time(), 3)})
+    if rank == 0:
+        print(f"[finetune] starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, "
+              f"{plan.num_workers} workers)", flush=True)
+    spe, gas = plan.steps_per_epoch, cfg.grad_accum
+    every = max(1, plan.total_steps // 20)
+    shard = ray.train.get_dataset_shard("train")
+    engine.train()
+    for epoch in range(step // spe, cfg.epochs):
+        skip, used = (step - epoch * spe) * gas, spe * gas
+        acc, seen = 0.0, 0
+        batches = shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy",
+                                     local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                     local_shuffle_seed=cfg.seed + 7919 * epoch)
+        for i, batch in enumerate(batches):  # drained to the end: every rank ends the epoch together
+            seen += 1
+            if not skip <= i < used:
+                continue
+            enc = tokenize_batch(tokenizer, list(batch["prompt"]), list(batch["response"]), cfg.text.template,
+                                 cfg.text.max_length)
+            b = {k: v.to(engine.device) for k, v in collate(enc["input_ids"], enc["labels"],
+                                                             tokenizer.pad_token_id).items()}
+            loss = engine(**b, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            acc += loss.item()
+            if (i + 1) % gas:
+                continue
+            step += 1
+            history.append({"step": step, "epoch": epoch, "loss": _mean_over_ranks(acc / gas, engine.device),
+                            "lr": engine.get_lr()[0]})
+            acc = 0.0
+            if rank == 0 and (step % every == 0 or step == plan.total_steps):
+                print(f"[finetune] step {step}/{plan.total_steps} epoch {epoch} loss {history[-1]['loss']:.4f} "
+                      f"lr {history[-1]['lr']:.2e}", flush=True)
+            final = step == plan.total_steps
+            if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                _save(engine, tokenizer, rank, cfg.zero_stage, {"step": step, "plan": loop["plan"], "log": history},
+                      final)
+        if step != (epoch + 1) * spe:
+            raise FinetuneError(f"rank {rank} got {seen} micro-batches in epoch {epoch}, fewer than the "
+                                f"{used} planned from {plan.rows_per_worker} rows per worker")
+
+
+# ---- the driver side -------------------------------------------------------------------------
+
+
+def _key(cfg: FinetuneConfig, data: dict, tokenizer: str) -> str:
+    """What a checkpoint depends on: training fields, model, tokenizer and the data's ids."""
+    fields = to_dict(cfg)
+    for perf in ("output", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "cpus_per_worker",
+                 "gpus_per_worker"):
+        fields.pop(perf)
+    fields["corpus"].pop("path")
+    blob = json.dumps([fields, tokenizer, data["rows"], data["ids_sha256"]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _copy_model(checkpoint, dest: Path) -> None:
+    """Copy the gathered HF model out of the final checkpoint into ``dest`` (replacing it)."""
+    import pyarrow.fs as pafs
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    src = f"{checkpoint.path.rstrip('/')}/{HF_DIR}"
+    if checkpoint.filesystem.get_file_info(src).type == pafs.FileType.NotFound:
+        raise FinetuneError(f"final checkpoint {checkpoint.path} holds no gathered model ({HF_DIR}/)")
+    pafs.copy_files(src, str(tmp), source_filesystem=checkpoint.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune (or resume, or reuse a finished run in ``cfg.output``); returns the summary written to finetune.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / SUMMARY
+    data = resolve_data(cfg)
+    tokenizer = resolve_model(cfg)
+    use_gpu = resolve_gpu(cfg.use_gpu)
+    ds_config = deepspeed_config(cfg, use_gpu)
+    log(f"reading {data}")
+    ds, stats = load_rows(cfg, data, tokenizer)
+    key = _key(cfg, stats, tokenizer)
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    if previous and previous.get("key") != key:
+        raise FinetuneError(f"{out} holds a fine-tuning run of other data or config ({summary_path}); "
+                            "use a new --output or delete that directory")
+    if previous and previous.get("status") == "done" and (out / "model" / "config.json").is_file():
+        log(f"already fine-tuned: {out / 'model'}")
+        return previous
+    plan = make_plan(stats["rows"], cfg)
+    resume = latest_checkpoint(str(out))
+    summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data, "tokenizer": tokenizer,
+               "use_gpu": use_gpu, "deepspeed": ds_config, "plan": asdict(plan), **stats,
+               "resumed_from_step": resume["step"] if resume else None}
+    _write_json(summary_path, summary)
+    log(f"{stats['rows']} rows ({stats['dropped_no_response']} dropped: no response token), "
+        f"{plan.total_steps} steps over {cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
+        + (f"; resuming from step {resume['step']}" if resume else ""))
+    loop = {"cfg": to_dict(cfg), "plan": asdict(plan), "deepspeed": ds_config, "tokenizer": tokenizer,
+            "use_gpu": use_gpu}
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop, datasets={"train": ds},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)))
+    started = time.time()
+    result = trainer.fit()
+    seconds = round(time.time() - started, 2)
+    if result.checkpoint is None:
+        raise FinetuneError(f"the run in {out / RUN_NAME} reported no checkpoint")
+    fs = result.checkpoint.filesystem
+    with fs.open_input_stream(f"{result.checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
+        state = json.loads(f.read().decode())
+    _copy_model(result.checkpoint, out / "model")
+    steps = [e for e in state["log"] if "loss" in e]
+    summary.update(status="done", train_seconds=seconds, model=str(out / "model"), final_step=state["step"],
+                   final_loss=steps[-1]["loss"] if steps else None,
+                   attempts=[e["step"] for e in state["log"] if e.get("event") == "start"], log=state["log"])
+    _write_json(summary_path, summary)
+    log(f"done in {seconds:.1f}s: step {state['step']}, loss {summary['final_loss']:.4f}; model in {out / 'model'}")
+    return summary

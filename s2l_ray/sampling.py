@@ -1,0 +1,168 @@
+"""Algorithm 1 of S2L and source stratification; writes the selection and the selected rows.
+
+Algorithm 1 (``allocate``): walk the clusters by ascending size (ties by cluster id); cluster k
+(0-based, of K) gives ``min(|C_k|, floor((B - selected) / (K - k)))`` examples, drawn uniformly
+at random. The budget always fills exactly when B <= N, with no special case for the remainder
+that floor leaves: before cluster k, ``left <= rows left`` holds. A cluster taken whole keeps
+it; a cluster that gives ``q = floor(left / (K - k)) < |C_k|`` leaves
+``left - q <= (K - k - 1)(q + 1)``, and every later cluster has at least ``q + 1`` rows since
+they are sorted. The last cluster's share is then ``floor(left / 1) = left <= |C_{K-1}|``, so it
+takes exactly what is left: floor remainders roll over to the larger clusters. E.g. sizes
+1, 2, 50, 100 and B = 40 give 1, 2, floor(37/2) = 18 and 19.
+
+This follows the paper, not the official code's first pass that skips clusters of size <= 2.
+Empty clusters give nothing and change no other share. With per-source stratification the
+budget is first split over sources by the same rule (smallest source first, ties by name),
+then Algorithm 1 runs within each source's clusters.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .clustering import codes_of
+from .config import ClusterConfig, SelectConfig
+from .layout import SELECTION_SCHEMA, RunDir, open_output_atomic, write_parquet_atomic
+
+METHODS = ("s2l",)
+
+
+class SelectionError(ValueError):
+    """A budget or the clusters do not allow a selection."""
+
+
+# the pure core ------------------------------------------------------------------------------------
+
+def resolve_budget(budget: float, n: int) -> int:
+    """A count (>= 1, whole) or a fraction of n (< 1, rounded) as an example count in 1..n."""
+    if not budget > 0:
+        raise SelectionError(f"budget must be a count >= 1 or a fraction in (0, 1), got {budget}")
+    if budget < 1:
+        count = int(round(budget * n))
+        if count < 1:
+            raise SelectionError(f"budget fraction {budget} of {n} examples selects none")
+    elif not float(budget).is_integer():
+        raise SelectionError(f"budget {budget} must be a whole count (or a fraction below 1)")
+    else:
+        count = int(budget)
+    if count > n:
+        raise SelectionError(f"budget {count} is larger than the corpus ({n} examples)")
+    return count
+
+
+def allocate(sizes: Sequence[int], budget: int) -> np.ndarray:
+    """Algorithm 1's share of each group (int64, aligned with ``sizes``); sums to ``budget``."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if not 0 <= budget <= sizes.sum():
+        raise SelectionError(f"budget {budget} is outside 0..{int(sizes.sum())} (the examples available)")
+    counts = np.zeros_like(sizes)
+    left = budget
+    for k, c in enumerate(np.argsort(sizes, kind="stable")):
+        counts[c] = min(sizes[c], left // (len(sizes) - k))
+        left -= counts[c]
+    return counts
+
+
+def sample_clusters(labels: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of ``budget`` rows: Algorithm 1 over the clusters given by ``labels``."""
+    sizes = np.bincount(labels)
+    counts = allocate(sizes, budget)
+    members = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    picks = [rng.choice(members[starts[c]:starts[c + 1]], counts[c], replace=False)
+             for c in np.argsort(sizes, kind="stable") if counts[c]]
+    return np.sort(np.concatenate(picks)) if picks else np.empty(0, np.int64)
+
+
+def s2l_select(labels: np.ndarray, budget: int, rng: np.random.Generator,
+               sources: np.ndarray | None = None) -> np.ndarray:
+    """Sorted positions of the S2L selection; with ``sources`` (codes), stratified by source first."""
+    if sources is None:
+        return sample_clusters(labels, budget, rng)
+    sizes = np.bincount(sources)
+    counts = allocate(sizes, budget)
+    picks = []
+    for s in np.argsort(sizes, kind="stable"):
+        if counts[s]:
+            rows = np.flatnonzero(sources == s)
+            picks.append(rows[sample_clusters(labels[rows], int(counts[s]), rng)])
+    return np.sort(np.concatenate(picks)) if picks else np.empty(0, np.int64)
+
+
+# the run-level stage ------------------------------------------------------------------------------
+
+def read_clusters(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Cluster ids and source codes (corpus idx order) from ``clusters.parquet``, checked against the corpus."""
+    corpus = run.read_manifest().get("corpus", {})
+    table = run.read_table(run.clusters)
+    recorded = (table.schema.metadata or {}).get(b"corpus_fingerprint", b"").decode()
+    if recorded and corpus.get("fingerprint") and recorded != corpus["fingerprint"]:
+        raise SelectionError(f"{run.clusters} was computed for another corpus (fingerprint {recorded}, "
+                             f"manifest {corpus['fingerprint']}); run clustering again")
+    if table.num_rows != corpus.get("rows"):
+        raise SelectionError(f"{run.clusters} has {table.num_rows} rows, the corpus {corpus.get('rows')}")
+    codes, names = codes_of(table.column("source"))
+    return table.column("cluster").to_numpy(), codes, names
+
+
+def _jsonl(rows: pa.Table) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.to_pylist()).encode()
+
+
+def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarray, method: str,
+                     several: bool) -> None:
+    """One pass over the corpus: per budget, the selection Parquet and the selected rows as JSONL."""
+    parts: dict[int, list[pa.Table]] = {b: [] for b in picks}
+    with contextlib.ExitStack() as stack:
+        out = {b: stack.enter_context(open_output_atomic(run.fs, run.selected_jsonl(b if several else None)))
+               for b in picks}
+        start = 0
+        for path in run.corpus_files():
+            pf = pq.ParquetFile(path, filesystem=run.fs)
+            end = start + pf.metadata.num_rows
+            local = {b: p[np.searchsorted(p, start):np.searchsorted(p, end)] for b, p in picks.items()}
+            if any(len(v) for v in local.values()):
+                table = pf.read(columns=["id", "source", "prompt", "response"])
+                for b, pos in local.items():
+                    rows = table.take(pa.array(pos - start))
+                    out[b].write(_jsonl(rows))
+                    parts[b].append(pa.table({
+                        "id": rows.column("id"), "source": rows.column("source"), "cluster": labels[pos],
+                        "method": pa.array([method] * len(pos), pa.string()),
+                        "budget": pa.array(np.full(len(pos), b, np.int64))}, schema=SELECTION_SCHEMA))
+            start = end
+    for b, tables in parts.items():
+        write_parquet_atomic(run.fs, run.selection(b if several else None), pa.concat_tables(tables))
+
+
+def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig, seed: int) -> dict:
+    """Select every budget of ``select_cfg`` from ``clusters.parquet``; returns statistics for the manifest.
+
+    One budget writes ``selection.parquet`` and ``selected.jsonl``; several write
+    ``selection-<B>.parquet`` and ``selected-<B>.jsonl``. Each budget's draw uses its own
+    generator seeded with ``seed``, so it does not depend on the other budgets asked for.
+    """
+    if select_cfg.method not in METHODS:
+        raise SelectionError(f"select.method {select_cfg.method!r} is not handled here; valid: {list(METHODS)}")
+    if not select_cfg.budgets:
+        raise SelectionError("select.budgets is empty")
+    start = time.time()
+    labels, codes, names = read_clusters(run)
+    budgets = [resolve_budget(b, len(labels)) for b in select_cfg.budgets]
+    if len(set(budgets)) != len(budgets):
+        raise SelectionError(f"select.budgets {select_cfg.budgets} resolve to repeated counts {budgets}")
+    picks = {b: s2l_select(labels, b, np.random.default_rng(seed), codes if cluster_cfg.per_source else None)
+             for b in budgets}
+    selected = time.time()
+    write_selections(run, picks, labels, select_cfg.method, several=len(budgets) > 1)
+    return {"method": select_cfg.method, "rows": len(labels), "per_source": cluster_cfg.per_source,
+            "budgets": {str(b): {"selected": len(p), "clusters": int(len(np.unique(labels[p]))),
+                                 "sources": dict(zip(names, np.bincount(codes[p], minlength=len(names)).tolist()))}
+                        for b, p in picks.items()},
+            "timings": {"select": round(selected - start, 3), "write": round(time.time() - selected, 3)}}

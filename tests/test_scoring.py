@@ -1,0 +1,92 @@
+"""Per-example loss against its definition: the model's loss on that example alone."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from s2l_ray.models import load_tokenizer, preset_config
+from s2l_ray.scoring import example_losses, labels_from, reference_losses, score_rows
+from s2l_ray.text import IGNORE_INDEX, collate, length_buckets, tokenize_batch
+
+TEMPLATE = "Question: {prompt}\nAnswer: "
+
+
+@pytest.fixture(scope="module")
+def tok(demo_small):
+    return load_tokenizer(demo_small["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(preset_config("tiny", tok)).eval()
+
+
+@pytest.fixture(scope="module")
+def rows(demo_small):
+    import json
+
+    return [json.loads(line) for line in open(demo_small["train"])][:24]
+
+
+def alone(model, ids, labels):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+
+
+def test_batched_loss_equals_loss_alone_padded_or_not(model, tok, rows):
+    enc = tokenize_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], TEMPLATE, 512)
+    lengths = {len(x) for x in enc["input_ids"]}
+    assert len(lengths) > 3, "rows must differ in length so that the batch is padded"
+    b = collate(enc["input_ids"], enc["labels"], tok.pad_token_id)
+    loss, conf, n = example_losses(model, b["input_ids"], b["labels"], b["attention_mask"])
+    expected = [alone(model, i, lab) for i, lab in zip(enc["input_ids"], enc["labels"])]
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=0, atol=1e-5)
+    assert n.tolist() == enc["n_response"]
+    # padding to a much longer width changes nothing
+    wide = collate(enc["input_ids"], enc["labels"], tok.pad_token_id, pad_to=max(lengths) + 40)
+    loss2, _, _ = example_losses(model, wide["input_ids"], wide["labels"], wide["attention_mask"])
+    np.testing.assert_allclose(loss2.numpy(), expected, rtol=0, atol=1e-5)
+    assert torch.all((conf > 0) & (conf < 1))
+
+
+def test_only_response_tokens_count(model, tok, rows):
+    r = rows[0]
+    enc = tokenize_batch(tok, [r["prompt"]], [r["response"]], TEMPLATE, 512)
+    ids, labels = enc["input_ids"][0], enc["labels"][0]
+    n_prompt = len(ids) - enc["n_response"][0]
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    manual = F.cross_entropy(logits[n_prompt - 1:-1], torch.tensor(ids[n_prompt:])).item()
+    b = collate([ids], [labels], tok.pad_token_id)
+    loss, _, n = example_losses(model, b["input_ids"], b["labels"], b["attention_mask"])
+    assert loss.item() == pytest.approx(manual, abs=1e-5)
+    assert n.item() == len(ids) - n_prompt
+    # counting every token would give another value
+    everything = F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+    assert abs(everything - manual) > 1e-3
+
+
+def test_score_rows_buckets_keep_input_order(model, tok, rows):
+    enc = tokenize_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], TEMPLATE, 512)
+    n_prompt = [len(i) - r for i, r in zip(enc["input_ids"], enc["n_response"])]
+    out = score_rows(model, enc["input_ids"], n_prompt, tok.pad_token_id, max_tokens=300, device=torch.device("cpu"))
+    ref = reference_losses(model, rows, tok, TEMPLATE, 512)
+    np.testing.assert_allclose(out["loss"], ref, rtol=0, atol=1e-5)
+    assert labels_from([5, 6, 7], 2) == [IGNORE_INDEX, IGNORE_INDEX, 7]
+
+
+def test_truncation_can_leave_no_response_token(tok):
+    enc = tokenize_batch(tok, ["word " * 200], ["short answer"], TEMPLATE, 32)
+    assert enc["n_response"] == [0] and enc["truncated"] == [True] and len(enc["input_ids"][0]) == 32
+
+
+@pytest.mark.parametrize("lengths,max_tokens", [([5, 1, 9, 3, 3, 7, 2], 12), ([4] * 10, 8), ([50, 3], 10), ([], 8)])
+def test_length_buckets(lengths, max_tokens):
+    buckets = length_buckets(lengths, max_tokens)
+    flat = sorted(int(i) for b in buckets for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in buckets:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens
