@@ -29,10 +29,8 @@ def _items(name: str, size: int, seed: int) -> list[dict]:
         item = ds[i]
         answer = str(item["answer"]).strip()
         cot = (item.get("metadata") or {}).get("answer_cot")
-        if cot:
-            response = cot.strip()
-            if "####" not in response:
-                response += f"\n#### {answer}"
+        if cot:  # the solution's own final line may format the answer differently ("6.0")
+            response = cot.rsplit("####", 1)[0].rstrip() + f"\n#### {answer}"
         else:
             response = f"#### {answer}"
         rows.append({"source": name, "prompt": item["question"].strip(), "response": response, "answer": answer})
