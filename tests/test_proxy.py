@@ -1,0 +1,114 @@
+"""The proxy stage end to end on a real local Ray: 2 Train workers, trajectories streamed to Parquet."""
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from s2l_ray import pipeline
+from s2l_ray.config import load_config
+from s2l_ray.layout import TRAJECTORY_SCHEMA, LayoutError, RunDir
+from s2l_ray.models import load_model, load_tokenizer
+from s2l_ray.proxy import make_plan
+from s2l_ray.scoring import reference_losses
+
+T = 3
+
+
+def config(demo_small, out, **extra):
+    return load_config(None, {"output": str(out), "corpus.path": demo_small["train"],
+                              "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
+                              "proxy.num_points": T, "proxy.num_workers": 2, "proxy.cpus_per_worker": 0.5,
+                              "proxy.lr": 3e-3, **extra})
+
+
+def run_stages(cfg):
+    cfg, tokenizer_dir, inputs = pipeline.prepare_inputs(cfg)
+    run = RunDir(cfg.output)
+    corpus = pipeline.run_corpus(run, cfg, tokenizer_dir)
+    return run, corpus, pipeline.run_proxy(run, cfg, inputs, corpus)
+
+
+@pytest.fixture(scope="module")
+def proxy_run(ray_local, demo_small, tmp_path_factory):
+    cfg = config(demo_small, tmp_path_factory.mktemp("proxy") / "run")
+    return (cfg, *run_stages(cfg))
+
+
+def read_points(run):
+    done = run.done_points()
+    return {t: pq.read_table(rec["files"], partitioning=None) for t, rec in sorted(done.items())}
+
+
+def test_trajectories_are_complete_and_unique(proxy_run, demo_small):
+    cfg, run, corpus, stats = proxy_run
+    n = corpus["rows"]
+    corpus_ids = pq.read_table(run.corpus_files(), columns=["idx", "id"]).to_pydict()
+    points = read_points(run)
+    assert sorted(points) == list(range(T))
+    plan = make_plan(n, cfg.proxy)
+    rows = []
+    for t, table in points.items():
+        assert table.schema == TRAJECTORY_SCHEMA
+        assert table.num_rows == n
+        assert set(table.column("checkpoint").to_pylist()) == {t}
+        assert set(table.column("step").to_pylist()) == {plan.point_steps[t]}
+        assert sorted(zip(table.column("idx").to_pylist(), table.column("id").to_pylist())) == \
+            sorted(zip(corpus_ids["idx"], corpus_ids["id"]))
+        rows += list(zip(table.column("id").to_pylist(), table.column("checkpoint").to_pylist()))
+        assert np.isfinite(table.column("loss").to_numpy()).all()
+    assert len(rows) == n * T == len(set(rows))
+    assert stats["trained"] and list(stats["plan"]["point_steps"]) == list(plan.point_steps)
+    # training moves the loss: the trajectory is not flat
+    means = [points[t].column("loss").to_numpy().mean() for t in range(T)]
+    assert means[-1] < means[0]
+
+
+def test_pipeline_loss_equals_checkpoint_loss_alone(proxy_run, demo_small):
+    cfg, run, corpus, _ = proxy_run
+    tok = load_tokenizer(demo_small["tokenizer"])
+    rows = pq.read_table(run.corpus_files(), columns=["id", "prompt", "response"]).to_pylist()
+    for t in (0, T - 1):
+        model = load_model(os.path.join(run.proxy_checkpoints()[t]["path"], "model")).eval()
+        table = read_points(run)[t].to_pydict()
+        got = dict(zip(table["id"], table["loss"]))
+        ref = reference_losses(model, rows, tok, cfg.text.template, cfg.text.max_length)
+        np.testing.assert_allclose([got[r["id"]] for r in rows], ref, rtol=0, atol=1e-5)
+
+
+def test_rerun_recomputes_nothing(proxy_run):
+    cfg, run, _, _ = proxy_run
+    before = {t: [os.path.getmtime(f) for f in rec["files"]] for t, rec in run.done_points().items()}
+    _, _, stats = run_stages(cfg)
+    assert not stats["trained"] and stats["reused_points"] == list(range(T)) and "scored" not in stats
+    assert {t: [os.path.getmtime(f) for f in rec["files"]] for t, rec in run.done_points().items()} == before
+
+
+def test_unscored_checkpoint_is_scored_without_retraining(proxy_run):
+    cfg, run, _, _ = proxy_run
+    done_file = run.trajectories_done
+    raw = json.load(open(done_file))
+    old = raw["points"].pop(str(T - 1))
+    json.dump(raw, open(done_file, "w"))
+    _, _, stats = run_stages(cfg)
+    assert not stats["trained"] and [s["t"] for s in stats["scored"]] == [T - 1]
+    new = run.done_points()[T - 1]
+    assert new["rows"] == old["rows"] and new["step"] == old["step"]
+    assert len(new["files"]) >= 1 and all(os.path.exists(f) for f in new["files"])
+
+
+def test_other_seed_refuses_stale_trajectories(proxy_run, demo_small):
+    cfg, run, _, _ = proxy_run
+    with pytest.raises(LayoutError, match="another proxy config or seed"):
+        run_stages(config(demo_small, cfg.output, seed=cfg.seed + 1))
+
+
+def test_plan_spreads_points_evenly():
+    from s2l_ray.config import ProxyConfig
+
+    plan = make_plan(100, ProxyConfig(num_workers=2, batch_size=8, epochs=3, num_points=4))
+    assert (plan.rows_per_worker, plan.steps_per_epoch, plan.total_steps) == (50, 7, 21)
+    assert plan.point_steps == (5, 10, 16, 21)
+    with pytest.raises(ValueError, match="num_points"):
+        make_plan(10, ProxyConfig(num_workers=2, batch_size=8, epochs=1, num_points=4))
