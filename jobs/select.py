@@ -7,6 +7,7 @@ With no arguments it runs the built-in maths demo on a local Ray instance (CPU i
 """
 from __future__ import annotations
 
+import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
 import argparse
 import sys
 

@@ -69,7 +69,7 @@ class ProxyConfig:
     model: str = ""  # local model dir; empty: build the tiny preset below
     preset: str = "tiny"  # tiny | small (see models.PRESETS)
     epochs: int = 3
-    lr: float = 1e-3
+    lr: float = 2e-5
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -145,7 +145,7 @@ class FinetuneConfig:
     budget: int = 0  # which selected-<budget>.jsonl of a run dir holding several; 0: its selected.jsonl
     seed: int = 0
     epochs: int = 3
-    lr: float = 1e-3  # suits the demo's from-scratch target; ~2e-5 for a pretrained model
+    lr: float = 2e-5  # suits the demo's from-scratch target; ~2e-5 for a pretrained model
     schedule: str = "cosine"  # cosine | linear | constant_with_warmup (transformers.get_scheduler names)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
