@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
 import argparse
+import os
 import sys
 
 from s2l_ray import pipeline
 from s2l_ray.config import load_config
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             return pipeline.fail(f"--set expects KEY=VALUE, got {kv!r}")
         overrides[key.strip()] = value
-    return pipeline.main(lambda: pipeline.select(load_config(a.config, overrides)))
+    config = a.config
+    if config is None and a.data is None:
+        config = DEMO_CONFIG
+        print(f"no --config or --data: running the built-in demo ({DEMO_CONFIG})", flush=True)
+    return pipeline.main(lambda: pipeline.select(load_config(config, overrides)))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ class FinetuneConfig:
     budget: int = 0  # which selected-<budget>.jsonl of a run dir holding several; 0: its selected.jsonl
     seed: int = 0
     epochs: int = 3
-    lr: float = 2e-5  # suits the demo's from-scratch target; ~2e-5 for a pretrained model
+    lr: float = 2e-5  # for a pretrained model; the demo's from-scratch target uses configs/finetune_demo.yaml
     schedule: str = "cosine"  # cosine | linear | constant_with_warmup (transformers.get_scheduler names)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0

@@ -258,10 +258,11 @@ def input_fingerprint(cfg: CorpusConfig) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 100_000) -> dict:
+def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 16_384) -> dict:
     """Read, normalise and validate the corpus into ``<run>/corpus/``; returns its statistics.
 
-    Rows are numbered (``idx``) in input order, deterministically. Nothing is recorded in the
+    Rows are numbered (``idx``) in input order, deterministically, and stored in parts of about
+    ``part_rows`` rows: the unit of parallel scoring. Nothing is recorded in the
     manifest unless the whole corpus is valid, and the part files of a failed attempt are removed.
     """
     from .layout import write_parquet_atomic

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -129,15 +130,18 @@ def _selections(run) -> list[str]:
                   if os.path.basename(i.path).startswith("selected"))
 
 
-def resolve_model(cfg: FinetuneConfig) -> str:
-    """The tokenizer directory (checked); the model dir is checked for a config.json."""
+def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with absolute local model and tokenizer dirs (workers run elsewhere), both checked.
+
+    The tokenizer is ``text.tokenizer``, else the model's, else the demo's.
+    """
     from .models import load_tokenizer
 
     if cfg.model and not Path(cfg.model, "config.json").is_file():
         raise FinetuneError(f"model directory {cfg.model} has no config.json (not a Hugging Face model dir)")
-    tokenizer = cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"]
+    tokenizer = os.path.abspath(cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"])
     load_tokenizer(tokenizer)
-    return tokenizer
+    return replace(cfg, model=cfg.model and os.path.abspath(cfg.model), text=replace(cfg.text, tokenizer=tokenizer))
 
 
 def resolve_gpu(use_gpu: str) -> bool:
@@ -198,7 +202,7 @@ def _autos(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "auto" else []
 
 
-def load_rows(cfg: FinetuneConfig, data: str, tokenizer: str):
+def load_rows(cfg: FinetuneConfig, data: str):
     """The trainable rows (prompt, response) as a materialised Ray Dataset in input order; and statistics.
 
     Rows left with no response token after truncation to ``text.max_length`` are dropped.
@@ -208,7 +212,7 @@ def load_rows(cfg: FinetuneConfig, data: str, tokenizer: str):
 
     from .corpus import read
 
-    ds = read(replace(cfg.corpus, path=data), cfg.text, tokenizer)
+    ds = read(replace(cfg.corpus, path=data), cfg.text, cfg.text.tokenizer)
     ds.context.execution_options.preserve_order = True
     ds = ds.select_columns(["id", "prompt", "response", "n_response"]).materialize()
     total = ds.count()
@@ -237,7 +241,7 @@ def latest_checkpoint(output: str) -> dict | None:
         return None
     try:
         result = Result.from_path(str(run))
-    except RuntimeError:  # no run record yet
+    except (RuntimeError, ValueError):  # no run record yet, or one being written
         return None
     if result.checkpoint is None:
         return None
@@ -266,6 +270,12 @@ def gathered_state_dict(module: torch.nn.Module, zero_stage: int, rank: int) -> 
             if buf is not None and name not in mod._non_persistent_buffers_set:
                 state[f"{mod_name}.{name}" if mod_name else name] = buf.detach().to("cpu", copy=True)
     return state
+
+
+def _say(msg: str) -> None:
+    """Worker progress on stdout (Ray Train's patched print would show it twice)."""
+    sys.stdout.write(f"[finetune] {msg}\n")
+    sys.stdout.flush()
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
@@ -313,7 +323,7 @@ def train_loop(loop: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     rank = ray.train.get_context().get_world_rank()
-    tokenizer = load_tokenizer(loop["tokenizer"])
+    tokenizer = load_tokenizer(cfg.text.tokenizer)
     model = load_model(cfg.model) if cfg.model else build_model(cfg.preset, tokenizer, cfg.seed, cfg.text.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
@@ -334,8 +344,7 @@ def train_loop(loop: dict) -> None:
         step, history = saved["step"], saved["log"]
     history.append({"event": "start", "step": step, "time": round(time.time(), 3)})
     if rank == 0:
-        print(f"[finetune] starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, "
-              f"{plan.num_workers} workers)", flush=True)
+        _say(f"starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, {plan.num_workers} workers)")
     spe, gas = plan.steps_per_epoch, cfg.grad_accum
     every = max(1, plan.total_steps // 20)
     shard = ray.train.get_dataset_shard("train")
@@ -365,8 +374,8 @@ def train_loop(loop: dict) -> None:
                             "lr": engine.get_lr()[0]})
             acc = 0.0
             if rank == 0 and (step % every == 0 or step == plan.total_steps):
-                print(f"[finetune] step {step}/{plan.total_steps} epoch {epoch} loss {history[-1]['loss']:.4f} "
-                      f"lr {history[-1]['lr']:.2e}", flush=True)
+                _say(f"step {step}/{plan.total_steps} epoch {epoch} loss {history[-1]['loss']:.4f} "
+                     f"lr {history[-1]['lr']:.2e}")
             final = step == plan.total_steps
             if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 _save(engine, tokenizer, rank, cfg.zero_stage, {"step": step, "plan": loop["plan"], "log": history},
@@ -379,15 +388,14 @@ def train_loop(loop: dict) -> None:
 # ---- the driver side -------------------------------------------------------------------------
 
 
-def _key(cfg: FinetuneConfig, data: dict, tokenizer: str) -> str:
-    """What a checkpoint depends on: training fields, model, tokenizer and the data's ids."""
+def _config_key(cfg: FinetuneConfig) -> str:
+    """What a checkpoint depends on besides the data: training fields, model and tokenizer."""
     fields = to_dict(cfg)
     for perf in ("output", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "cpus_per_worker",
                  "gpus_per_worker"):
         fields.pop(perf)
     fields["corpus"].pop("path")
-    blob = json.dumps([fields, tokenizer, data["rows"], data["ids_sha256"]], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -402,6 +410,7 @@ def _copy_model(checkpoint, dest: Path) -> None:
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     src = f"{checkpoint.path.rstrip('/')}/{HF_DIR}"
     if checkpoint.filesystem.get_file_info(src).type == pafs.FileType.NotFound:
         raise FinetuneError(f"final checkpoint {checkpoint.path} holds no gathered model ({HF_DIR}/)")
@@ -412,38 +421,43 @@ def _copy_model(checkpoint, dest: Path) -> None:
 
 
 def run(cfg: FinetuneConfig) -> dict:
-    """Fine-tune (or resume, or reuse a finished run in ``cfg.output``); returns the summary written to finetune.json."""
+    """Fine-tune (or resume, or reuse a finished run in ``cfg.output``); returns what finetune.json records."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if "://" in cfg.output:
+        raise ConfigError(f"output must be a local or shared-filesystem path (the model is written there), "
+                          f"not {cfg.output!r}")
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / SUMMARY
     data = resolve_data(cfg)
-    tokenizer = resolve_model(cfg)
+    cfg = resolve_model(cfg)
     use_gpu = resolve_gpu(cfg.use_gpu)
     ds_config = deepspeed_config(cfg, use_gpu)
-    log(f"reading {data}")
-    ds, stats = load_rows(cfg, data, tokenizer)
-    key = _key(cfg, stats, tokenizer)
+    key = _config_key(cfg)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if previous and previous.get("key") != key:
-        raise FinetuneError(f"{out} holds a fine-tuning run of other data or config ({summary_path}); "
+        raise FinetuneError(f"{out} holds a fine-tuning run with another config ({summary_path}); "
+                            "use a new --output or delete that directory")
+    log(f"reading {data}")
+    ds, stats = load_rows(cfg, data)
+    if previous and previous.get("ids_sha256") != stats["ids_sha256"]:
+        raise FinetuneError(f"{out} holds a fine-tuning run of other data than {data} ({summary_path}); "
                             "use a new --output or delete that directory")
     if previous and previous.get("status") == "done" and (out / "model" / "config.json").is_file():
         log(f"already fine-tuned: {out / 'model'}")
         return previous
     plan = make_plan(stats["rows"], cfg)
     resume = latest_checkpoint(str(out))
-    summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data, "tokenizer": tokenizer,
+    summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data,
                "use_gpu": use_gpu, "deepspeed": ds_config, "plan": asdict(plan), **stats,
                "resumed_from_step": resume["step"] if resume else None}
     _write_json(summary_path, summary)
     log(f"{stats['rows']} rows ({stats['dropped_no_response']} dropped: no response token), "
         f"{plan.total_steps} steps over {cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
         + (f"; resuming from step {resume['step']}" if resume else ""))
-    loop = {"cfg": to_dict(cfg), "plan": asdict(plan), "deepspeed": ds_config, "tokenizer": tokenizer,
-            "use_gpu": use_gpu}
+    loop = {"cfg": to_dict(cfg), "plan": asdict(plan), "deepspeed": ds_config, "use_gpu": use_gpu}
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop, datasets={"train": ds},

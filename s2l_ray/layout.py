@@ -124,7 +124,10 @@ class RunDir:
     """Paths of one run directory and helpers to read and write its artifacts."""
 
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
+        import os
+
+        # local paths become absolute: Ray workers do not share the driver's working directory
+        self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
         self.fs, self.root = resolve(self.uri)
 
     def path(self, *parts: str) -> str:
@@ -174,6 +177,10 @@ class RunDir:
 
     def trajectory_dir(self, t: int) -> str:
         return self.path("trajectories", f"checkpoint={t}")
+
+    def trajectory_part(self, t: int, part: int) -> str:
+        """Point t's losses for the rows of corpus part ``part``."""
+        return self.path("trajectories", f"checkpoint={t}", f"part-{part:05d}.parquet")
 
     @property
     def trajectories_done(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import posixpath
 import sys
 import time
 from typing import Any
@@ -122,6 +123,49 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     return stats
 
 
+def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
+    from .clustering import cluster_run
+
+    key = _key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(cfg.cluster), cfg.seed)
+    if _stage(run, "clusters", key) is not None:
+        log(f"clusters: reusing {run.clusters}")
+        return run.read_manifest()["clusters"]
+    started = time.time()
+    stats = cluster_run(run, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
+    run.update_manifest(clusters=stats)
+    _finish(run, "clusters", key, started)
+    sizes = sorted(stats["cluster_sizes"])
+    log(f"clusters: {stats['k']} clusters ({stats['backend']}), sizes {sizes[0]}..{sizes[-1]}, "
+        f"{stats['nan_count']} non-finite losses replaced ({time.time() - started:.1f}s)")
+    return stats
+
+
+def run_select(run: RunDir, cfg: S2LConfig) -> dict:
+    from .sampling import select_run
+
+    started = time.time()
+    stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed)
+    run.update_manifest(selection=stats)
+    _finish(run, "selection", _key(to_dict(cfg.select), cfg.seed), started)
+    return stats
+
+
+def summary(run: RunDir, cfg: S2LConfig) -> str:
+    """The closing lines of a selection run: counts, where every output is, the next command."""
+    m = run.read_manifest()
+    budgets = m["selection"]["budgets"]
+    several = len(budgets) > 1
+    lines = [f"selected with {m['selection']['method']} from {m['corpus']['rows']} examples "
+             f"({len(m['corpus']['sources'])} sources), {m['clusters']['k']} clusters:"]
+    for b, rec in budgets.items():
+        lines.append(f"  budget {b}: {rec['selected']} examples -> {run.uri_of(posixpath.basename(run.selected_jsonl(int(b) if several else None)))}")
+    lines += [f"  trajectories: {run.uri_of('trajectories')}", f"  clusters:     {run.uri_of('clusters.parquet')}",
+              f"  report:       {run.uri_of('report.png')}", f"  manifest:     {run.uri_of('manifest.json')}",
+              f"  total time:   {m['total_seconds']:.1f}s",
+              f"next: python jobs/finetune.py --data {run.uri}"]
+    return "\n".join(lines)
+
+
 def select(cfg: S2LConfig) -> dict:
     """The whole selection run; returns the manifest."""
     run = RunDir(cfg.output)
@@ -132,7 +176,11 @@ def select(cfg: S2LConfig) -> dict:
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv)
     corpus = run_corpus(run, cfg, tokenizer_dir)
     run_proxy(run, cfg, inputs, corpus)
-    return run.update_manifest(total_seconds=round(time.time() - total, 2))
+    run_clusters(run, cfg)
+    run_select(run, cfg)
+    manifest = run.update_manifest(total_seconds=round(time.time() - total, 2))
+    log("done\n" + summary(run, cfg))
+    return manifest
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -26,6 +26,10 @@ from .layout import RunDir
 from .scoring import labels_from, score_point
 
 
+class ProxyError(ValueError):
+    """The proxy run cannot be planned or scheduled as configured."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where the T trajectory points fall in training."""
@@ -40,11 +44,11 @@ def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
     """Steps per epoch (each worker gets an equal share of rows) and T evenly spaced points ending at the last step."""
     per_worker = n_rows // cfg.num_workers
     if per_worker == 0:
-        raise ValueError(f"{n_rows} rows cannot be split over {cfg.num_workers} workers")
+        raise ProxyError(f"{n_rows} rows cannot be split over {cfg.num_workers} workers")
     spe = math.ceil(per_worker / cfg.batch_size)
     total = spe * cfg.epochs
     if not 1 <= cfg.num_points <= total:
-        raise ValueError(f"proxy.num_points={cfg.num_points} must be between 1 and the {total} training steps")
+        raise ProxyError(f"proxy.num_points={cfg.num_points} must be between 1 and the {total} training steps")
     points = tuple(round((t + 1) * total / cfg.num_points) for t in range(cfg.num_points))
     return Plan(per_worker, spe, total, points)
 
@@ -53,6 +57,18 @@ def resolve_gpu(cfg: ProxyConfig) -> bool:
     if cfg.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return cfg.use_gpu.lower() in ("true", "1", "yes")
+
+
+def check_room_for_data(cfg: ProxyConfig) -> None:
+    """On a single machine, refuse a worker layout that leaves no CPU to read the training data (it would hang)."""
+    if len(ray.nodes()) != 1:
+        return  # a multi-node or autoscaling cluster can add room
+    cpus = ray.cluster_resources().get("CPU", 0)
+    free = cpus - cfg.num_workers * cfg.cpus_per_worker
+    if free < 0.5:
+        raise ProxyError(f"{cfg.num_workers} proxy workers x {cfg.cpus_per_worker} CPUs leave {free:g} of this "
+                         f"machine's {cpus:g} CPUs for Ray Data, which needs 0.5 to feed them; lower "
+                         "proxy.cpus_per_worker (a logical share, e.g. 0.5) or proxy.num_workers")
 
 
 def _initial_model(spec: dict) -> torch.nn.Module:
@@ -213,6 +229,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     if not todo:
         return stats
     use_gpu = resolve_gpu(proxy)
+    check_room_for_data(proxy)
     coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
     for t in todo:  # persisted before an interruption, never scored
         if t in ckpts:
@@ -220,8 +237,8 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     last = max(ckpts) if ckpts else None
     if last is None or last < proxy.num_points - 1:
         resume = Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None
-        ds = ray.data.read_parquet(run.corpus_files(), filesystem=run.fs, columns=["input_ids", "n_prompt"],
-                                   num_cpus=0.25).randomize_block_order(seed=seed)
+        ds = ray.data.read_parquet(run.corpus_files(), filesystem=run.fs, num_cpus=0.25).select_columns(
+            ["input_ids", "n_prompt"]).randomize_block_order(seed=seed)
         config = {
             "model": model_spec, "lr": proxy.lr, "weight_decay": proxy.weight_decay, "schedule": proxy.schedule,
             "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,

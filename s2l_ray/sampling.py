@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from json.encoder import encode_basestring
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from .clustering import codes_of
 from .config import ClusterConfig, SelectConfig
-from .layout import SELECTION_SCHEMA, RunDir, open_output_atomic, write_parquet_atomic
+from .layout import SELECTION_SCHEMA, RunDir, exists, open_output_atomic, write_parquet_atomic
 
 METHODS = ("s2l",)
 
@@ -100,8 +101,11 @@ def s2l_select(labels: np.ndarray, budget: int, rng: np.random.Generator,
 def read_clusters(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Cluster ids and source codes (corpus idx order) from ``clusters.parquet``, checked against the corpus."""
     corpus = run.read_manifest().get("corpus", {})
-    table = run.read_table(run.clusters)
-    recorded = (table.schema.metadata or {}).get(b"corpus_fingerprint", b"").decode()
+    if not exists(run.fs, run.clusters):
+        raise SelectionError(f"{run.clusters} is missing: run clustering first")
+    pf = pq.ParquetFile(run.clusters, filesystem=run.fs, read_dictionary=["source"])
+    table = pf.read(columns=["cluster", "source"])
+    recorded = (pf.schema_arrow.metadata or {}).get(b"corpus_fingerprint", b"").decode()
     if recorded and corpus.get("fingerprint") and recorded != corpus["fingerprint"]:
         raise SelectionError(f"{run.clusters} was computed for another corpus (fingerprint {recorded}, "
                              f"manifest {corpus['fingerprint']}); run clustering again")
@@ -111,8 +115,12 @@ def read_clusters(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return table.column("cluster").to_numpy(), codes, names
 
 
-def _jsonl(rows: pa.Table) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.to_pylist()).encode()
+def jsonl(rows: pa.Table) -> bytes:
+    """String columns as JSON lines, byte-identical to ``json.dumps(row, ensure_ascii=False)`` per row."""
+    keys = [json.dumps(name).replace("{", "{{").replace("}", "}}") for name in rows.column_names]
+    template = "{{" + ", ".join(key + ": {}" for key in keys) + "}}\n"
+    cols = [map(encode_basestring, rows.column(name).to_pylist()) for name in rows.column_names]
+    return "".join(template.format(*values) for values in zip(*cols)).encode()
 
 
 def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarray, method: str,
@@ -131,10 +139,10 @@ def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarr
                 table = pf.read(columns=["id", "source", "prompt", "response"])
                 for b, pos in local.items():
                     rows = table.take(pa.array(pos - start))
-                    out[b].write(_jsonl(rows))
+                    out[b].write(jsonl(rows))
                     parts[b].append(pa.table({
                         "id": rows.column("id"), "source": rows.column("source"), "cluster": labels[pos],
-                        "method": pa.array([method] * len(pos), pa.string()),
+                        "method": pa.repeat(pa.scalar(method, pa.string()), len(pos)),
                         "budget": pa.array(np.full(len(pos), b, np.int64))}, schema=SELECTION_SCHEMA))
             start = end
     for b, tables in parts.items():

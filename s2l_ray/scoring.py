@@ -7,7 +7,6 @@ Rows are grouped by length so that a forward pass wastes little on padding.
 """
 from __future__ import annotations
 
-import math
 import posixpath
 import time
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ScoringConfig
-from .layout import TRAJECTORY_SCHEMA, RunDir, exists
+from .layout import TRAJECTORY_SCHEMA, RunDir, exists, write_parquet_atomic
 from .text import IGNORE_INDEX, collate, length_buckets
 
 
@@ -62,9 +61,14 @@ def score_rows(model: torch.nn.Module, input_ids: list, n_prompt: list[int], pad
 
 
 class LossScorer:
-    """Ray Data actor: loads one checkpoint's model once, scores batches of stored-corpus rows."""
+    """Ray Data actor: loads one checkpoint's model once; scores whole corpus parts.
 
-    def __init__(self, checkpoint: Any, t: int, step: int, max_tokens: int, precision: str):
+    Each call gets corpus part numbers, scores each part in length-bucketed batches and writes
+    ``trajectories/checkpoint=t/part-<n>.parquet`` atomically, so a retried call (after an
+    actor died) rewrites the same file and no row is lost or duplicated.
+    """
+
+    def __init__(self, run_uri: str, checkpoint: Any, t: int, step: int, max_tokens: int, precision: str):
         from .models import load_model
 
         use_gpu = torch.cuda.is_available()
@@ -73,27 +77,33 @@ class LossScorer:
         with checkpoint.as_directory() as d:
             self.model = load_model(posixpath.join(d, "model")).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
-        self.t, self.step, self.max_tokens = t, step, max_tokens
+        self.run, self.t, self.step, self.max_tokens = RunDir(run_uri), t, step, max_tokens
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column("input_ids").to_pylist()
-        out = score_rows(self.model, ids, batch.column("n_prompt").to_pylist(), self.pad_id, self.max_tokens,
-                         self.device, self.autocast)
-        n = batch.num_rows
-        return pa.table({
-            "idx": batch.column("idx"), "id": batch.column("id"),
-            "checkpoint": pa.array(np.full(n, self.t, np.int32)),
-            "step": pa.array(np.full(n, self.step, np.int64)),
-            "loss": out["loss"], "confidence": out["confidence"], "n_tokens": out["n_tokens"],
-        }, schema=TRAJECTORY_SCHEMA)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for part in batch["part"]:
+            src = pq.read_table(self.run.corpus_part(int(part)), filesystem=self.run.fs,
+                                columns=["idx", "id", "input_ids", "n_prompt"], partitioning=None)
+            out = score_rows(self.model, src.column("input_ids").to_pylist(), src.column("n_prompt").to_pylist(),
+                             self.pad_id, self.max_tokens, self.device, self.autocast)
+            n = src.num_rows
+            table = pa.table({
+                "idx": src.column("idx"), "id": src.column("id"),
+                "checkpoint": pa.array(np.full(n, self.t, np.int32)),
+                "step": pa.array(np.full(n, self.step, np.int64)),
+                "loss": out["loss"], "confidence": out["confidence"], "n_tokens": out["n_tokens"],
+            }, schema=TRAJECTORY_SCHEMA)
+            write_parquet_atomic(self.run.fs, self.run.trajectory_part(self.t, int(part)), table)
+            rows.append(n)
+        return {"part": batch["part"], "rows": np.asarray(rows, np.int64)}
 
 
 def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
                 precision: str, expected_rows: int) -> dict:
-    """Score the whole stored corpus with one checkpoint; write ``trajectories/checkpoint=t``.
+    """Score the whole stored corpus with one checkpoint into ``trajectories/checkpoint=t/``.
 
-    Anything left in that folder by an interrupted attempt is removed first; the point is
-    recorded as done only once every row is written.
+    A Ray Data actor pool maps over the corpus parts; anything an interrupted attempt left in
+    that folder is removed first, and the point is recorded as done only once every part is.
     """
     import ray.data
 
@@ -102,24 +112,18 @@ def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringCo
     out_dir = run.trajectory_dir(t)
     if exists(run.fs, out_dir):
         run.fs.delete_dir(out_dir)
-    run.fs.create_dir(out_dir, recursive=True)
-    files = run.corpus_files()
-    ds = ray.data.read_parquet(files, filesystem=run.fs, columns=["idx", "id", "input_ids", "n_prompt"],
-                               num_cpus=0.25)
-    blocks = max(cfg.num_actors * 4, math.ceil(expected_rows / cfg.rows_per_batch))
-    ds = ds.repartition(blocks).map_batches(
-        LossScorer, fn_constructor_args=(checkpoint, t, step, cfg.max_tokens, precision),
-        batch_size=cfg.rows_per_batch, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
-        max_restarts=-1, max_task_retries=-1)
-    ds.write_parquet(out_dir, filesystem=run.fs)
-    written = sorted(f.path for f in run.fs.get_file_info(pa.fs.FileSelector(out_dir))
-                     if f.path.endswith(".parquet"))
-    rows = sum(pq.ParquetFile(run.fs.open_input_file(f)).metadata.num_rows for f in written)
-    if rows != expected_rows:
-        raise RuntimeError(f"trajectory point {t}: wrote {rows} rows, expected {expected_rows}")
-    record = {"step": step, "files": written, "rows": rows, "seconds": round(time.time() - start, 3)}
+    parts = list(range(len(run.corpus_files())))
+    done = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts)).map_batches(
+        LossScorer, fn_constructor_args=(run.uri, checkpoint, t, step, cfg.max_tokens, precision), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(parts))),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0).take_all()
+    rows = sum(int(d["rows"]) for d in done)
+    if sorted(int(d["part"]) for d in done) != parts or rows != expected_rows:
+        raise RuntimeError(f"trajectory point {t}: scored {rows} rows in parts {sorted(d['part'] for d in done)}, "
+                           f"expected {expected_rows} rows in {len(parts)} parts")
+    record = {"step": step, "files": [run.trajectory_part(t, p) for p in parts], "rows": rows,
+              "seconds": round(time.time() - start, 3),
+              "corpus_fingerprint": run.read_manifest()["corpus"]["fingerprint"]}
     run.mark_point_done(t, record)
     return {"t": t, **record}
 

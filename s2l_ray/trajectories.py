@@ -3,20 +3,22 @@
 The long table (one row per example and trajectory point, ``layout.TRAJECTORY_SCHEMA``) becomes
 a dense float32 matrix ``[N, T']``: row i is the trajectory of corpus row ``idx == i``, column j
 the j-th kept point. Only ``idx`` and ``loss`` are read, one file at a time, so memory stays at
-the matrix plus one file's two columns.
+the matrix (4 bytes per example and point) plus one point's column (5 bytes per example) and one
+file's two columns.
 
 Checks, each raising TrajectoryError naming the point and file at fault:
 every point 0..T-1 is done; a point has exactly N rows, each idx in [0, N) exactly once; its
 files carry no other point's rows (Parquet statistics); its record's ``corpus_fingerprint``
-equals the manifest's; and the ids of a sample of its rows (the head of up to ID_SAMPLE_FILES
-files per point) equal the corpus ids at those idx, so trajectories of another corpus are caught
-even when a record carries no fingerprint.
+equals the manifest's; and the ids of a sample of its rows (the first ID_SAMPLE_ROWS rows of one
+of its files, a different file for each point) equal the corpus ids at those idx, so
+trajectories of another corpus are caught even when a record carries no fingerprint.
 
 A synthetic-run writer (corpus + trajectories, written in chunks) serves benchmarks and tests.
 """
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import time
 from dataclasses import dataclass
 
@@ -27,8 +29,7 @@ import pyarrow.parquet as pq
 from .config import ClusterConfig
 from .layout import CORPUS_SCHEMA, TRAJECTORY_SCHEMA, RunDir, write_parquet_atomic
 
-ID_SAMPLE_FILES = 8  # files per point whose head rows are checked against the corpus ids
-ID_SAMPLE_ROWS = 128  # head rows checked per sampled file
+ID_SAMPLE_ROWS = 256  # rows per point whose ids are checked against the corpus
 
 
 class TrajectoryError(ValueError):
@@ -93,8 +94,8 @@ def _open(run: RunDir, path: str, t: int) -> pq.ParquetFile:
         raise TrajectoryError(f"trajectory point {t}: cannot read {path}: {e}") from None
 
 
-def _check_point_stats(pf: pq.ParquetFile, path: str, t: int) -> None:
-    """Parquet min/max statistics of ``checkpoint`` must say the file holds point t only."""
+def _check_file(pf: pq.ParquetFile, path: str, t: int) -> None:
+    """The file has ``idx`` and ``loss``, and its ``checkpoint`` statistics say it holds point t only."""
     names = pf.schema_arrow.names
     for col in ("idx", "loss"):
         if col not in names:
@@ -134,17 +135,16 @@ def _find_duplicates(run: RunDir, t: int, files: list[str]) -> str:
     return "repeated idx"
 
 
-def _read_point(run: RunDir, t: int, files: list[str], n: int, out: np.ndarray, nan_value: float) -> int:
-    """Scatter point t's losses into ``out`` (a column view); returns the number of non-finite losses."""
-    seen = np.zeros(n, dtype=bool)
-    rows = bad = 0
+def _read_point(run: RunDir, t: int, files: list[str], col: np.ndarray, seen: np.ndarray) -> None:
+    """Scatter point t's losses into ``col`` (length N) by idx, checking that every idx appears once."""
+    n = len(col)
+    seen[:] = False
+    rows = 0
     for path in files:
         pf = _open(run, path, t)
-        _check_point_stats(pf, path, t)
+        _check_file(pf, path, t)
         idx, loss = _read_columns(pf, path, t, n)
-        finite = np.isfinite(loss)
-        bad += int(len(loss) - np.count_nonzero(finite))
-        out[idx] = np.where(finite, loss, np.float32(nan_value))
+        col[idx] = loss
         seen[idx] = True
         rows += len(idx)
     if rows != n:
@@ -153,21 +153,26 @@ def _read_point(run: RunDir, t: int, files: list[str], n: int, out: np.ndarray, 
         missing = np.flatnonzero(~seen)[:5].tolist()
         raise TrajectoryError(f"trajectory point {t}: idx {missing} missing while others appear twice "
                               f"({_find_duplicates(run, t, files)})")
-    return bad
 
 
-def _id_samples(run: RunDir, t: int, files: list[str]) -> list[tuple[int, str, str]]:
-    """(idx, id, file) of the head rows of up to ID_SAMPLE_FILES files, spread over the point's files."""
-    picks = sorted(set(np.linspace(0, len(files) - 1, min(len(files), ID_SAMPLE_FILES)).round().astype(int)))
-    out = []
-    for i in picks:
-        pf = _open(run, files[i], t)
-        if "id" not in pf.schema_arrow.names:
-            raise TrajectoryError(f"trajectory point {t}: {files[i]} has no column 'id'")
-        for batch in pf.iter_batches(batch_size=ID_SAMPLE_ROWS, columns=["idx", "id"]):
-            out += [(int(a), b, files[i]) for a, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())]
-            break
-    return out
+def _replace_non_finite(col: np.ndarray, value: float) -> int:
+    """Set NaN/inf (and null) losses to ``value``; returns how many there were."""
+    bad = ~np.isfinite(col)
+    count = int(np.count_nonzero(bad))
+    if count:
+        col[bad] = value
+    return count
+
+
+def _id_samples(run: RunDir, t: int, files: list[str]) -> list[tuple[int, int, str, str]]:
+    """(t, idx, id, file) of the first ID_SAMPLE_ROWS rows of file ``t mod len(files)`` of point t."""
+    path = files[t % len(files)]
+    pf = _open(run, path, t)
+    if "id" not in pf.schema_arrow.names:
+        raise TrajectoryError(f"trajectory point {t}: {path} has no column 'id'")
+    for batch in pf.iter_batches(batch_size=ID_SAMPLE_ROWS, columns=["idx", "id"]):
+        return [(t, int(i), rid, path) for i, rid in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())]
+    return []
 
 
 def corpus_ids_at(run: RunDir, positions: np.ndarray) -> dict[int, str]:
@@ -219,13 +224,14 @@ def load(run: RunDir, cfg: ClusterConfig, num_points: int | None = None) -> Traj
     for t in points:
         _check_record(t, done[t], n, fingerprint)
     x = np.empty((n, len(points)), dtype=np.float32)
+    col, seen = np.empty(n, np.float32), np.empty(n, bool)  # one point, contiguous: fast scatter
     nan_count = 0
-    samples = []
     for j, t in enumerate(points):
         files = list(done[t]["files"])
-        nan_count += _read_point(run, t, files, n, x[:, j], cfg.nan_value)
-        samples += [(t, i, rid, path) for i, rid, path in _id_samples(run, t, files)]
-    _check_ids(run, samples)
+        _check_ids(run, _id_samples(run, t, files))
+        _read_point(run, t, files, col, seen)
+        nan_count += _replace_non_finite(col, cfg.nan_value)
+        x[:, j] = col
     return Trajectories(x=x, points=points, steps=[int(done[t]["step"]) for t in points], nan_count=nan_count,
                         fingerprint_checked=fingerprint is not None and all(
                             done[t].get("corpus_fingerprint") == fingerprint for t in points))
@@ -253,8 +259,8 @@ def latent_patterns(num_patterns: int, num_points: int, seed: int) -> np.ndarray
     """Decaying loss curves ``a * exp(-r * s) + c`` over s in [0, 1], one per pattern."""
     rng = np.random.default_rng(seed)
     s = np.linspace(0.0, 1.0, num_points)
-    a, r, c = rng.uniform(0.5, 4.0, num_patterns), rng.uniform(0.5, 6.0, num_patterns), rng.uniform(0.1, 2.0, num_patterns)
-    return (a[:, None] * np.exp(-r[:, None] * s) + c[:, None]).astype(np.float32)
+    a, r, c = (rng.uniform(lo, hi, (num_patterns, 1)) for lo, hi in ((0.5, 4.0), (0.5, 6.0), (0.1, 2.0)))
+    return (a * np.exp(-r * s) + c).astype(np.float32)
 
 
 def write_synthetic_run(run: RunDir, rows: int, num_points: int, *, num_sources: int = 4,
@@ -262,15 +268,16 @@ def write_synthetic_run(run: RunDir, rows: int, num_points: int, *, num_sources:
                         seed: int = 0) -> dict:
     """Write a corpus and its trajectory points following the layout contract, chunk by chunk.
 
-    Source i holds a share proportional to i+1 (sources of unequal sizes). Returns the corpus
-    record written to the manifest plus ``seconds``.
+    Source i holds a share proportional to i+1 (sources of unequal sizes); point t has step
+    100 (t+1). Returns the corpus record written to the manifest plus ``seconds``.
     """
     start_time = time.time()
     run.ensure()
     patterns = latent_patterns(num_patterns, num_points, seed)
-    fingerprint = hashlib.sha256(f"synthetic:{rows}:{num_points}:{num_sources}:{num_patterns}:{seed}".encode()).hexdigest()[:32]
+    key = f"synthetic:{rows}:{num_points}:{num_sources}:{num_patterns}:{noise}:{seed}"
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
     weights = np.arange(1, num_sources + 1, dtype=np.float64)
-    sources = [f"source{i}" for i in range(num_sources)]
+    sources = pa.array([f"source{i}" for i in range(num_sources)])
     files, point_files = [], {t: [] for t in range(num_points)}
     source_counts = np.zeros(num_sources, dtype=np.int64)
     for c, start in enumerate(range(0, rows, chunk_rows)):
@@ -278,22 +285,19 @@ def write_synthetic_run(run: RunDir, rows: int, num_points: int, *, num_sources:
         rng = np.random.default_rng([seed, c])
         src = rng.choice(num_sources, n, p=weights / weights.sum())
         source_counts += np.bincount(src, minlength=num_sources)
-        ids = numbered_strings("ex", start, n)
-        idx = pa.array(np.arange(start, start + n, dtype=np.int64))
-        corpus = pa.table({"idx": idx, "id": ids,
-                           "source": pa.DictionaryArray.from_arrays(pa.array(src.astype(np.int32)), sources).cast(pa.string()),
-                           "prompt": numbered_strings("question ", start, n),
-                           "response": numbered_strings("answer ", start, n)}, schema=CORPUS_SCHEMA)
-        write_parquet_atomic(run.fs, run.corpus_part(c), corpus)
-        files.append(run.corpus_part(c).rsplit("/", 1)[-1])
-        del corpus
+        idx, ids = pa.array(np.arange(start, start + n, dtype=np.int64)), numbered_strings("ex", start, n)
+        write_parquet_atomic(run.fs, run.corpus_part(c), pa.table({
+            "idx": idx, "id": ids, "source": sources.take(pa.array(src)),
+            "prompt": numbered_strings("question ", start, n), "response": numbered_strings("answer ", start, n)},
+            schema=CORPUS_SCHEMA))
+        files.append(posixpath.basename(run.corpus_part(c)))
         x = synthetic_losses(rng, patterns, n, noise)
         for t in range(num_points):
-            path = f"{run.trajectory_dir(t)}/part-{c:05d}.parquet"
-            write_parquet_atomic(run.fs, path, _point_table(idx, ids, t, x[:, t]))
+            path = posixpath.join(run.trajectory_dir(t), f"part-{c:05d}.parquet")
+            write_parquet_atomic(run.fs, path, _point_table(idx, ids, t, 100 * (t + 1), x[:, t]))
             point_files[t].append(path)
     record = {"files": files, "rows": rows, "fingerprint": fingerprint,
-              "sources": {s: int(k) for s, k in zip(sources, source_counts)}}
+              "sources": {s: int(k) for s, k in zip(sources.to_pylist(), source_counts)}}
     run.update_manifest(corpus=record)
     for t in range(num_points):
         run.mark_point_done(t, {"step": 100 * (t + 1), "files": point_files[t], "rows": rows,
@@ -301,9 +305,9 @@ def write_synthetic_run(run: RunDir, rows: int, num_points: int, *, num_sources:
     return {**record, "seconds": round(time.time() - start_time, 3)}
 
 
-def _point_table(idx: pa.Array, ids: pa.Array, t: int, loss: np.ndarray) -> pa.Table:
+def _point_table(idx: pa.Array, ids: pa.Array, t: int, step: int, loss: np.ndarray) -> pa.Table:
     n = len(idx)
     cols = {"idx": idx, "id": ids, "checkpoint": pa.array(np.full(n, t, np.int32)),
-            "step": pa.array(np.full(n, 100 * (t + 1), np.int64)), "loss": pa.array(np.ascontiguousarray(loss)),
+            "step": pa.array(np.full(n, step, np.int64)), "loss": pa.array(np.ascontiguousarray(loss)),
             "confidence": pa.array(np.exp(-loss)), "n_tokens": pa.array(np.full(n, 16, np.int32))}
     return pa.table({f.name: cols[f.name] for f in TRAJECTORY_SCHEMA}, schema=TRAJECTORY_SCHEMA)

@@ -10,7 +10,7 @@ from s2l_ray import pipeline
 from s2l_ray.config import load_config
 from s2l_ray.layout import TRAJECTORY_SCHEMA, LayoutError, RunDir
 from s2l_ray.models import load_model, load_tokenizer
-from s2l_ray.proxy import make_plan
+from s2l_ray.proxy import ProxyError, make_plan
 from s2l_ray.scoring import reference_losses
 
 T = 3
@@ -110,5 +110,5 @@ def test_plan_spreads_points_evenly():
     plan = make_plan(100, ProxyConfig(num_workers=2, batch_size=8, epochs=3, num_points=4))
     assert (plan.rows_per_worker, plan.steps_per_epoch, plan.total_steps) == (50, 7, 21)
     assert plan.point_steps == (5, 10, 16, 21)
-    with pytest.raises(ValueError, match="num_points"):
+    with pytest.raises(ProxyError, match="num_points"):
         make_plan(10, ProxyConfig(num_workers=2, batch_size=8, epochs=1, num_points=4))

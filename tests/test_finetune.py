@@ -1,0 +1,187 @@
+"""Target fine-tuning on CPU with 2 Ray workers and real DeepSpeed (no mocks).
+
+One ZeRO-2 run is started as the real job (``jobs/finetune.py``) in a subprocess, killed with
+SIGKILL once its first checkpoint is recorded, and rerun to completion; one ZeRO-3 run with the
+optimizer offloaded to CPU goes uninterrupted in-process. Both must lower the loss and export a loadable model, the rerun must
+start at the recorded checkpoint's step, and since the data order is deterministic the
+resumed ZeRO-2 model must equal the uninterrupted ZeRO-3 one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s2l_ray import finetune
+from s2l_ray.config import ConfigError, CorpusConfig, FinetuneConfig, TextConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = dict(preset="tiny", epochs=3, lr=1e-3, micro_batch_size=4, checkpoint_every=4, seed=0)  # 24 steps on 60 rows
+
+
+@pytest.fixture(scope="module")
+def selection(demo_small, tmp_path_factory):
+    """A selection run dir: the small demo's 60 train rows plus one whose prompt leaves no response token."""
+    run = tmp_path_factory.mktemp("selection")
+    rows = [json.loads(line) for line in open(demo_small["train"])]
+    rows.append({"source": "gcd", "prompt": "gcd " * 400, "response": "#### 1", "answer": "1"})
+    with open(run / "selected.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"id": f"r{i}", **r}) + "\n")
+    return str(run)
+
+
+def _cfg(selection: str, tokenizer: str, output: str, **kw) -> FinetuneConfig:
+    return FinetuneConfig(output=output, corpus=CorpusConfig(path=selection),
+                          text=TextConfig(tokenizer=tokenizer, max_length=256), **{**TRAIN, **kw})
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_local, selection, demo_small, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("zero3"))
+    return finetune.run(_cfg(selection, demo_small["tokenizer"], out, zero_stage=3, checkpoint_every=0,
+                             offload_optimizer=True))
+
+
+def _job(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "finetune.py"), *args], cwd=REPO, env=env,
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _tail(log: Path) -> str:
+    return "\n".join(log.read_text().splitlines()[-40:])
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_local, selection, demo_small, tmp_path_factory):
+    """The ZeRO-2 job killed after its first recorded checkpoint, then rerun: (summary, checkpoint step, log)."""
+    out = tmp_path_factory.mktemp("zero2")
+    log = out.parent / f"{out.name}.log"
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({**TRAIN, "text": {"tokenizer": demo_small["tokenizer"], "max_length": 256}}))
+    args = ["--config", str(config), "--data", selection, "--output", str(out), "--zero-stage", "2",
+            "--num-workers", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = _job(args, log, env)
+    try:
+        deadline = time.time() + 300
+        while finetune.latest_checkpoint(str(out)) is None:
+            assert proc.poll() is None, f"the job ended before its first checkpoint:\n{_tail(log)}"
+            assert time.time() < deadline, f"no checkpoint within 300s:\n{_tail(log)}"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    checkpoint = finetune.latest_checkpoint(str(out))
+    rerun = _job(args, log, env)
+    assert rerun.wait(timeout=400) == 0, f"the rerun failed:\n{_tail(log)}"
+    return json.loads((out / "finetune.json").read_text()), checkpoint["step"], out
+
+
+def test_plan_and_deepspeed_config():
+    cfg = FinetuneConfig(num_workers=2, micro_batch_size=4, grad_accum=2, epochs=3, grad_clip=0.5)
+    plan = finetune.make_plan(61, cfg)
+    assert (plan.rows_per_worker, plan.micro_batches_per_epoch, plan.steps_per_epoch) == (30, 8, 4)
+    assert (plan.total_steps, plan.warmup_steps) == (12, 0)
+    with pytest.raises(finetune.FinetuneError, match="no optimizer step"):
+        finetune.make_plan(7, cfg)
+    ds = finetune.deepspeed_config(replace(cfg, zero_stage=3, offload_optimizer=True), use_gpu=False)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert finetune.deepspeed_config(cfg, use_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_deepspeed_config_errors(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 2"):
+        finetune.deepspeed_config(FinetuneConfig(deepspeed_config=str(bad)), use_gpu=False)
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        finetune.deepspeed_config(FinetuneConfig(deepspeed_config=str(bad)), use_gpu=False)
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size"):
+        finetune.deepspeed_config(FinetuneConfig(deepspeed_config=str(bad)), use_gpu=False)
+
+
+def test_resolve_data(tmp_path, selection):
+    assert finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=selection))).endswith("/selected.jsonl")
+    several = tmp_path / "several"
+    several.mkdir()
+    for b in (10, 20):
+        (several / f"selected-{b}.jsonl").write_text("{}\n")
+    with pytest.raises(finetune.FinetuneError, match="several selections"):
+        finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(several))))
+    picked = finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(several)), budget=20))
+    assert picked.endswith("selected-20.jsonl")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text("{}")
+    with pytest.raises(finetune.FinetuneError, match="without selected.jsonl"):
+        finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(unfinished))))
+    with pytest.raises(finetune.FinetuneError, match="not found"):
+        finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(tmp_path / "missing"))))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(resumed):
+    summary, step, _ = resumed
+    assert summary["status"] == "done" and summary["dropped_no_response"] == 1 and summary["rows"] == 60
+    total = summary["plan"]["total_steps"]
+    assert 0 < step < total, "the job was not killed mid-training"
+    assert summary["resumed_from_step"] == step
+    assert summary["attempts"] == [0, step]
+    assert [e["step"] for e in summary["log"] if "loss" in e] == list(range(1, total + 1))  # no step trained twice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["resumed", "zero3"])
+def test_training_lowers_loss_and_exports_a_loadable_model(run, request, demo_small):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from s2l_ray.evaluate import response_losses
+    from s2l_ray.models import build_model, load_tokenizer
+
+    summary = request.getfixturevalue(run)
+    summary = summary[0] if run == "resumed" else summary
+    losses = [e["loss"] for e in summary["log"] if "loss" in e]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    model = AutoModelForCausalLM.from_pretrained(summary["model"])
+    tok = AutoTokenizer.from_pretrained(summary["model"])
+    rows = [json.loads(line) for line in open(demo_small["train"])][:16]
+    args = ([r["prompt"] for r in rows], [r["response"] for r in rows], TextConfig().template, 256)
+    fresh = build_model("tiny", load_tokenizer(demo_small["tokenizer"]), seed=0, max_length=256).eval()
+    assert response_losses(model.eval(), tok, *args)[0].mean() < response_losses(fresh, tok, *args)[0].mean() - 0.3
+    ids = tok("Question: Find the GCD of 12 and 18.\nAnswer: ", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+@pytest.mark.slow
+def test_resumed_zero2_equals_uninterrupted_zero3(resumed, zero3):
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(resumed[0]["model"]) / "model.safetensors"))
+    b = load_file(str(Path(zero3["model"]) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    la, lb = ([e["loss"] for e in r["log"] if "loss" in e] for r in (resumed[0], zero3))
+    assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_is_reused_and_another_config_refused(zero3, selection, demo_small):
+    cfg = _cfg(selection, demo_small["tokenizer"], str(Path(zero3["model"]).parent), zero_stage=3, checkpoint_every=0,
+               offload_optimizer=True)
+    assert finetune.run(cfg) == zero3
+    with pytest.raises(finetune.FinetuneError, match="another config"):
+        finetune.run(replace(cfg, lr=5e-4))
