@@ -258,7 +258,7 @@ def input_fingerprint(cfg: CorpusConfig) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 16_384) -> dict:
+def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 8192) -> dict:
     """Read, normalise and validate the corpus into ``<run>/corpus/``; returns its statistics.
 
     Rows are numbered (``idx``) in input order, deterministically, and stored in parts of about

@@ -22,6 +22,25 @@ from .layout import TRAJECTORY_SCHEMA, RunDir, exists, write_parquet_atomic
 from .text import IGNORE_INDEX, collate, length_buckets
 
 
+# Config fields of causal LMs whose forward transforms the LM head's output (soft-capping or
+# scaling): for those the full forward is used instead of the response-only head below.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+
+
+def _response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions that predict response tokens only, ``[mask.sum(), vocab]``.
+
+    The LM head and the softmax run on response positions alone (often a third of the
+    tokens) when the model's forward is base model + linear head, as for GPT-NeoX and Llama.
+    """
+    head = model.get_output_embeddings()
+    if head is None or any(getattr(model.config, f, None) for f in _LOGIT_TRANSFORMS):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(hidden[:, :-1][mask])
+
+
 @torch.inference_mode()
 def example_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,15 +48,16 @@ def example_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
 
     Rows with no response token get NaN loss and confidence.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     target = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+    mask = target != IGNORE_INDEX
+    ce = F.cross_entropy(_response_logits(model, input_ids, attention_mask, mask).float(), target[mask],
                          reduction="none")
-    mask = (target != IGNORE_INDEX).float()
+    row = mask.nonzero()[:, 0]
     n = mask.sum(1)
-    loss = (ce * mask).sum(1) / n
-    conf = (torch.exp(-ce) * mask).sum(1) / n
-    return loss, conf, n.long()
+    zeros = torch.zeros(len(n), dtype=torch.float32, device=ce.device)
+    loss = zeros.index_add(0, row, ce) / n
+    conf = zeros.index_add(0, row, torch.exp(-ce)) / n
+    return loss, conf, n
 
 
 def labels_from(ids: list[int], n_prompt: int) -> list[int]:
