@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from s2l_ray import pipeline
-from s2l_ray.config import EvaluateConfig, load_config
+from s2l_ray.config import EvaluateConfig, load_config, parse_sets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,18 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     overrides = {"model": a.model, "corpus.path": a.data, "output": a.output, "max_new_tokens": a.max_new_tokens,
                  "limit": a.limit, "batch_size": a.batch_size, "num_actors": a.num_actors}
-    for kv in a.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            return pipeline.fail(f"--set expects KEY=VALUE, got {kv!r}")
-        overrides[key.strip()] = value
 
     def body() -> None:
         import ray
 
         from s2l_ray import evaluate
 
-        cfg = load_config(a.config, overrides, cls=EvaluateConfig)
+        cfg = load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=EvaluateConfig)
         if not ray.is_initialized():
             ray.init()
         evaluate.run(cfg)

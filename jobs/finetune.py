@@ -19,7 +19,7 @@ import os
 import sys
 
 from s2l_ray import pipeline
-from s2l_ray.config import FinetuneConfig, load_config
+from s2l_ray.config import FinetuneConfig, load_config, parse_sets
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "finetune_demo.yaml")
@@ -51,11 +51,6 @@ def main(argv: list[str] | None = None) -> int:
                  "epochs": a.epochs, "lr": a.lr, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum,
                  "checkpoint_every": a.checkpoint_every, "zero_stage": a.zero_stage,
                  "offload_optimizer": a.offload_optimizer, "num_workers": a.num_workers}
-    for kv in a.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            return pipeline.fail(f"--set expects KEY=VALUE, got {kv!r}")
-        overrides[key.strip()] = value
 
     def body() -> None:
         import ray
@@ -63,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from s2l_ray import finetune
 
         config = a.config if a.config is not None or a.model else DEMO_CONFIG
-        cfg = load_config(config, overrides, cls=FinetuneConfig)
+        cfg = load_config(config, {**overrides, **parse_sets(a.set)}, cls=FinetuneConfig)
         if not ray.is_initialized():
             ray.init()
         finetune.run(cfg)

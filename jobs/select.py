@@ -13,7 +13,7 @@ import os
 import sys
 
 from s2l_ray import pipeline
-from s2l_ray.config import load_config
+from s2l_ray.config import load_config, parse_sets
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -39,16 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"corpus.path": a.data, "output": a.output, "select.budgets": a.budget, "select.method": a.method,
                  "seed": a.seed, "cluster.k": a.clusters, "proxy.num_workers": a.num_workers,
                  "proxy.model": a.proxy_model}
-    for kv in a.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            return pipeline.fail(f"--set expects KEY=VALUE, got {kv!r}")
-        overrides[key.strip()] = value
     config = a.config
     if config is None and a.data is None:
         config = DEMO_CONFIG
         print(f"no --config or --data: running the built-in demo ({DEMO_CONFIG})", flush=True)
-    return pipeline.main(lambda: pipeline.select(load_config(config, overrides)))
+    return pipeline.main(lambda: pipeline.select(load_config(config, {**overrides, **parse_sets(a.set)})))
 
 
 if __name__ == "__main__":

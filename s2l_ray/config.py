@@ -257,6 +257,17 @@ def apply_overrides(cfg: S2LConfig, overrides: dict[str, Any]) -> S2LConfig:
     return from_dict(type(cfg), data)
 
 
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """Overrides from ``--set KEY=VALUE`` flags."""
+    out = {}
+    for kv in items:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
+        out[key.strip()] = value
+    return out
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
                 cls: type = S2LConfig) -> Any:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""

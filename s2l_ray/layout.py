@@ -163,13 +163,10 @@ class RunDir:
         return self.path("proxy", "_checkpoints.json")
 
     def proxy_checkpoints(self) -> dict[int, dict]:
-        raw = read_json(self.fs, self.checkpoints_index, default={})
-        return {int(t): v for t, v in raw.get("points", {}).items()}
+        return self._points(self.checkpoints_index)
 
     def mark_checkpoint(self, t: int, record: dict) -> None:
-        raw = read_json(self.fs, self.checkpoints_index, default={})
-        raw.setdefault("points", {})[str(t)] = record
-        write_json_atomic(self.fs, self.checkpoints_index, raw)
+        self._mark_point(self.checkpoints_index, t, record)
 
     @property
     def trajectories_dir(self) -> str:
@@ -225,15 +222,16 @@ class RunDir:
         A record should also hold ``corpus_fingerprint`` (the manifest's ``corpus.fingerprint`` when
         the point was scored): trajectories.load refuses points scored on another corpus.
         """
-        raw = read_json(self.fs, self.trajectories_done, default={})
-        return {int(t): v for t, v in raw.get("points", {}).items()}
+        return self._points(self.trajectories_done)
 
     def mark_point_done(self, t: int, record: dict) -> None:
-        raw = read_json(self.fs, self.trajectories_done, default={})
-        raw.setdefault("points", {})[str(t)] = record
-        write_json_atomic(self.fs, self.trajectories_done, raw)
+        self._mark_point(self.trajectories_done, t, record)
 
-    def read_table(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
-        if not exists(self.fs, path):
-            raise LayoutError(f"missing artifact: {path}")
-        return pq.read_table(path, filesystem=self.fs, schema=schema)
+    def _points(self, index: str) -> dict[int, dict]:
+        raw = read_json(self.fs, index, default={})
+        return {int(t): v for t, v in raw.get("points", {}).items()}
+
+    def _mark_point(self, index: str, t: int, record: dict) -> None:
+        raw = read_json(self.fs, index, default={})
+        raw.setdefault("points", {})[str(t)] = record
+        write_json_atomic(self.fs, index, raw)

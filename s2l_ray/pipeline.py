@@ -84,9 +84,10 @@ def run_corpus(run: RunDir, cfg: S2LConfig, tokenizer_dir: str) -> dict:
     from .corpus import input_fingerprint, store
 
     key = _key(input_fingerprint(cfg.corpus), to_dict(cfg.text), tokenizer_dir)
-    if (rec := _stage(run, "corpus", key)) is not None:
-        log(f"corpus: reusing {run.read_manifest()['corpus']['rows']} stored rows")
-        return run.read_manifest()["corpus"]
+    if _stage(run, "corpus", key) is not None:
+        stats = run.read_manifest()["corpus"]
+        log(f"corpus: reusing {stats['rows']} stored rows")
+        return stats
     if run.done_points() or run.proxy_checkpoints():
         raise LayoutError(f"{run.uri} holds trajectories of another corpus or text config; "
                           "use a new --output or delete that directory")
@@ -168,11 +169,11 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
 
 def select(cfg: S2LConfig) -> dict:
     """The whole selection run; returns the manifest."""
+    total = time.time()
+    cfg, tokenizer_dir, inputs = prepare_inputs(cfg)  # bad paths fail here, before Ray starts
     run = RunDir(cfg.output)
     run.ensure()
     _ensure_ray()
-    total = time.time()
-    cfg, tokenizer_dir, inputs = prepare_inputs(cfg)
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv)
     corpus = run_corpus(run, cfg, tokenizer_dir)
     run_proxy(run, cfg, inputs, corpus)

@@ -1,0 +1,84 @@
+"""jobs/select.py end to end, submitted with `ray job submit` to a local Ray head started here."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A fresh single-node Ray head (the session's local Ray is paused meanwhile)."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dash = free_port(), free_port()
+    temp = f"/tmp/ray-s2l-{port}"
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        if was_up:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def test_select_job_submitted_to_a_ray_head(ray_head, demo_small, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "run"
+    cmd = ["ray", "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+           "python", "jobs/select.py", "--data", demo_small["train"], "--output", str(out), "--budget", "12",
+           "--clusters", "4", "--num-workers", "2", "--seed", "3",
+           "--set", f"text.tokenizer={demo_small['tokenizer']}", "--set", "proxy.epochs=1",
+           "--set", "proxy.num_points=2", "--set", "proxy.batch_size=8", "--set", "proxy.cpus_per_worker=0.5",
+           "--set", "proxy.lr=0.003"]
+    started = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    # stage progress reaches `ray job logs`
+    for line in ("corpus: 60 rows", "proxy: 2 trajectory points", "point 1/2 at step", "clusters: 4 clusters",
+                 "budget 12: 12 examples", "next: python jobs/finetune.py"):
+        assert line in logs, f"{line!r} missing from the job's logs"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["corpus"]["rows"] == 60 and manifest["clusters"]["k"] == 4
+    sel = pq.read_table(out / "selection.parquet")
+    assert sel.num_rows == 12 == len(set(sel.column("id").to_pylist()))
+    corpus_ids = set(pq.read_table(out / "corpus", columns=["id"]).column("id").to_pylist())
+    assert set(sel.column("id").to_pylist()) <= corpus_ids
+    rows = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(sel.column("id").to_pylist())
+    assert {"prompt", "response", "source"} <= set(rows[0])
+    assert pq.read_table(out / "clusters.parquet").num_rows == 60
+    assert (out / "report.png").stat().st_size > 10_000
+    print(f"job took {time.time() - started:.0f}s")
+
+
+def test_select_job_refuses_bad_input_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"\n')
+    proc = subprocess.run([sys.executable, "jobs/select.py", "--data", str(bad), "--output", str(tmp_path / "r"),
+                           "--set", "text.tokenizer=/nonexistent/tokenizer"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: tokenizer directory does not exist: /nonexistent/tokenizer" in proc.stderr
+    proc = subprocess.run([sys.executable, "jobs/select.py", "--set", "proxy.epoch=2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown key 'proxy.epoch'" in proc.stderr and "epochs" in proc.stderr
