@@ -218,8 +218,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         if tp is float:
             return float(value)
-        if tp is str:
-            return "" if value is None else str(value)
+        if tp is str:  # YAML reads `use_gpu: true` as a boolean
+            return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
     return value

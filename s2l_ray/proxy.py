@@ -59,11 +59,11 @@ def resolve_gpu(cfg: ProxyConfig) -> bool:
     return cfg.use_gpu.lower() in ("true", "1", "yes")
 
 
-def check_room_for_data(cfg: ProxyConfig) -> None:
-    """On a single machine, refuse a worker layout that leaves no CPU to read the training data (it would hang)."""
-    if len(ray.nodes()) != 1:
-        return  # a multi-node or autoscaling cluster can add room
+def check_room_for_data(cfg: ProxyConfig, use_gpu: bool) -> None:
+    """On a single CPU machine, refuse a worker layout that leaves no CPU to read the training data (it would hang)."""
     cpus = ray.cluster_resources().get("CPU", 0)
+    if use_gpu or cpus == 0 or len(ray.nodes()) != 1:
+        return  # GPU workers, or a head that only schedules: the cluster can add room
     free = cpus - cfg.num_workers * cfg.cpus_per_worker
     if free < 0.5:
         raise ProxyError(f"{cfg.num_workers} proxy workers x {cfg.cpus_per_worker} CPUs leave {free:g} of this "
@@ -229,7 +229,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     if not todo:
         return stats
     use_gpu = resolve_gpu(proxy)
-    check_room_for_data(proxy)
+    check_room_for_data(proxy, use_gpu)
     coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
     for t in todo:  # persisted before an interruption, never scored
         if t in ckpts:
