@@ -249,7 +249,8 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.corpus.path`` (default: the demo eval set); returns the metrics."""
     import ray.data
 
-    from .finetune import demo_paths, resolve_bf16, resolve_gpu
+    from .finetune import demo_paths
+    from .models import resolve_bf16, resolve_gpu
 
     model_dir, out = resolve_paths(cfg)
     data = cfg.corpus.path or demo_paths()["eval"]

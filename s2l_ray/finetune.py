@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DemoConfig, FinetuneConfig, from_dict, to_dict
+from .models import resolve_bf16, resolve_gpu
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 RUN_NAME = "train"  # Ray Train run name under <output>: fixed, so that a rerun resumes its record
@@ -142,22 +143,6 @@ def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
     tokenizer = os.path.abspath(cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"])
     load_tokenizer(tokenizer)
     return replace(cfg, model=cfg.model and os.path.abspath(cfg.model), text=replace(cfg.text, tokenizer=tokenizer))
-
-
-def resolve_gpu(use_gpu: str) -> bool:
-    import ray
-
-    if use_gpu not in ("auto", "true", "false"):
-        raise ConfigError(f"use_gpu must be auto, true or false, not {use_gpu!r}")
-    if use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return use_gpu == "true"
-
-
-def resolve_bf16(precision: str, use_gpu: bool) -> bool:
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    return precision == "bf16" or (precision == "auto" and use_gpu)
 
 
 def deepspeed_config(cfg: FinetuneConfig, use_gpu: bool) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import ConfigError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig,
                           PreTrainedModel)
 
@@ -99,3 +101,21 @@ def save_model(model: PreTrainedModel, tokenizer: Any, path: str) -> str:
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def resolve_gpu(use_gpu: str) -> bool:
+    """``use_gpu`` (auto, true, false) as a decision; auto means the Ray cluster has GPUs."""
+    import ray
+
+    if use_gpu not in ("auto", "true", "false"):
+        raise ConfigError(f"use_gpu must be auto, true or false, not {use_gpu!r}")
+    if use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return use_gpu == "true"
+
+
+def resolve_bf16(precision: str, use_gpu: bool) -> bool:
+    """``precision`` (auto, bf16, fp32) as a decision; auto means bf16 on GPU, fp32 on CPU."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and use_gpu)

@@ -23,6 +23,7 @@ from ray.train import Checkpoint
 
 from .config import ProxyConfig, ScoringConfig
 from .layout import RunDir
+from .models import resolve_bf16, resolve_gpu
 from .scoring import labels_from, score_point
 
 
@@ -51,12 +52,6 @@ def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
         raise ProxyError(f"proxy.num_points={cfg.num_points} must be between 1 and the {total} training steps")
     points = tuple(round((t + 1) * total / cfg.num_points) for t in range(cfg.num_points))
     return Plan(per_worker, spe, total, points)
-
-
-def resolve_gpu(cfg: ProxyConfig) -> bool:
-    if cfg.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return cfg.use_gpu.lower() in ("true", "1", "yes")
 
 
 def check_room_for_data(cfg: ProxyConfig, use_gpu: bool) -> None:
@@ -118,7 +113,7 @@ def train_loop(config: dict) -> None:
         print(f"[proxy] rank {rank}: resumed from step {step} (trajectory point {state['t']})", flush=True)
     model = ray.train.torch.prepare_model(model)
     inner = model.module if hasattr(model, "module") else model
-    amp = torch.bfloat16 if device.type == "cuda" and config["precision"] in ("auto", "bf16") else None
+    amp = torch.bfloat16 if resolve_bf16(config["precision"], device.type == "cuda") else None
     points = {s: t for t, s in enumerate(config["point_steps"])}
     spe, pad = config["steps_per_epoch"], config["pad_id"]
     shard = ray.train.get_dataset_shard("train")
@@ -228,7 +223,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     stats = {"plan": asdict(plan), "reused_points": sorted(done), "trained": False}
     if not todo:
         return stats
-    use_gpu = resolve_gpu(proxy)
+    use_gpu = resolve_gpu(proxy.use_gpu)
     check_room_for_data(proxy, use_gpu)
     coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
     for t in todo:  # persisted before an interruption, never scored

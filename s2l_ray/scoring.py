@@ -89,11 +89,11 @@ class LossScorer:
     """
 
     def __init__(self, run_uri: str, checkpoint: Any, t: int, step: int, max_tokens: int, precision: str):
-        from .models import load_model
+        from .models import load_model, resolve_bf16
 
         use_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.autocast = torch.bfloat16 if use_gpu and precision in ("auto", "bf16") else None
+        self.autocast = torch.bfloat16 if resolve_bf16(precision, use_gpu) else None
         with checkpoint.as_directory() as d:
             self.model = load_model(posixpath.join(d, "model")).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0

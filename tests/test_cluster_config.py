@@ -180,7 +180,7 @@ def test_paper_finetune_config_loads():
     sel = load_config(str(PAPER))
     assert ft.model.startswith("/mnt/models/") and "phi-2" in ft.model
     assert (ft.zero_stage, ft.epochs, ft.lr, ft.precision) == (3, 3, 2e-5, "auto")
-    assert ft.use_gpu in ("auto", "true", "false") and ft.use_gpu == "true"  # finetune.resolve_gpu's values
+    assert ft.use_gpu in ("auto", "true", "false") and ft.use_gpu == "true"  # models.resolve_gpu's values
     assert ft.corpus.path == sel.output, "the target trains on the selection run's output"
     assert ft.budget == 0 and len(sel.select.budgets) == 1  # one budget: the run dir's selected.jsonl
     assert ft.text.template == sel.text.template and ft.text.max_length == sel.text.max_length
