@@ -265,12 +265,15 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     ``part_rows`` rows: the unit of parallel scoring. Nothing is recorded in the
     manifest unless the whole corpus is valid, and the part files of a failed attempt are removed.
     """
-    from .layout import write_parquet_atomic
+    from .layout import exists, write_parquet_atomic
+
+    def clear() -> None:
+        if exists(run.fs, run.corpus_dir):
+            run.fs.delete_dir(run.corpus_dir)
 
     ds = read(cfg, text, tokenizer)
     ds.context.execution_options.preserve_order = True
-    if run.fs.get_file_info(run.corpus_dir).type != pafs.FileType.NotFound:
-        run.fs.delete_dir(run.corpus_dir)
+    clear()
     files: list[str] = []
     pending: list[pa.Table] = []
     n = 0
@@ -299,8 +302,7 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
                                     ["id", "source", "row_hash", "n_tokens", "n_response", "truncated"]})
         stats = validate(table, cfg.path)
     except BaseException:
-        if run.fs.get_file_info(run.corpus_dir).type != pafs.FileType.NotFound:
-            run.fs.delete_dir(run.corpus_dir)
+        clear()
         raise
     stats["files"] = files
     return stats
