@@ -1,12 +1,13 @@
 """K-means on the loss trajectories: fit on a sample, assign every example with Ray Data.
 
 The fit runs in the driver on at most ``k * max_points_per_centroid`` uniformly sampled rows
-(faiss's own default cap, 256 per centroid): faiss on CPU, cuML on GPU. Both start from
-k-means++ seeding (cuML's scalable k-means++; for faiss, seeds drawn here, where plain faiss
-and the official code start from k random rows, which often merges well-separated clusters).
-Assignment of all N rows
-runs as Ray Data tasks over blocks of the trajectory matrix; ``distance`` is the squared L2
-distance to the assigned centroid, computed per row so that it does not depend on blocking.
+(faiss's own default cap, 256 per centroid), gathered from the trajectory files by Ray Data
+tasks: faiss on CPU, cuML on GPU. Both start from k-means++ seeding (cuML's scalable k-means++;
+for faiss, seeds drawn here, where plain faiss and the official code start from k random rows,
+which often merges well-separated clusters). Every row is then assigned by Ray Data tasks, each
+reading its corpus parts' trajectory files (``trajectories.map_parts``), so the N x T matrix is
+never built; ``distance`` is the squared L2 distance to the assigned centroid, per row.
+``report.png`` draws the cluster means of the fit sample.
 
 With ``per_source`` one k-means is fitted per corpus source (sources in name order), with
 ``min(k, rows of the source)`` clusters each, as the official code does; cluster ids are made
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,6 @@ from .layout import CLUSTERS_SCHEMA, RunDir, open_output_atomic
 
 BACKENDS = ("auto", "faiss", "cuml")
 ASSIGN_CHUNK = 65536  # rows per faiss search call inside assign()
-MAX_BLOCK_ROWS = 500_000  # rows per Ray Data assignment task at most; at least 8 tasks otherwise
 
 
 class ClusteringError(ValueError):
@@ -120,14 +120,12 @@ def fit_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.nd
 
 
 def fit(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, backend: str = "faiss",
-        max_points_per_centroid: int = 256, rows: np.ndarray | None = None) -> np.ndarray:
-    """Centroids [k, d] of k-means fitted on a seeded sample of x (of ``x[rows]`` when given)."""
-    n = len(x) if rows is None else len(rows)
-    check_k(k, n)
+        max_points_per_centroid: int = 256) -> np.ndarray:
+    """Centroids [k, d] of k-means fitted on a seeded sample of at most ``k * max_points_per_centroid`` rows of x."""
+    check_k(k, len(x))
     if max_points_per_centroid < 1:
         raise ClusteringError(f"cluster.max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
-    sample = fit_sample(n, k, max_points_per_centroid, seed)
-    xs = np.ascontiguousarray(x[sample if rows is None else rows[sample]], dtype=np.float32)
+    xs = np.ascontiguousarray(x[fit_sample(len(x), k, max_points_per_centroid, seed)], dtype=np.float32)
     return FITTERS[resolve_backend(backend)](xs, k, niter, seed)
 
 
@@ -165,49 +163,44 @@ def assign_grouped(x: np.ndarray, groups: np.ndarray, centroids: list[np.ndarray
 
 # parallel assignment with Ray Data -----------------------------------------------------------------
 
-def _assign_block(batch: pa.Table, centroids: list[np.ndarray], offsets: np.ndarray) -> pa.Table:
-    """Ray Data UDF: one block of (row, group, x) to (row, cluster, distance)."""
-    col = batch.column("x").combine_chunks()
-    x = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
-    labels, dist = assign_grouped(x, batch.column("group").to_numpy(), centroids, offsets)
-    return pa.table({"row": batch.column("row"), "cluster": labels, "distance": dist})
+def _assign_part(run: RunDir, plan: trajectories.Plan, j: int, centroids: list[np.ndarray], offsets: np.ndarray,
+                 names: list[str]) -> pa.Table:
+    """Part j's rows to (idx, cluster, distance); ``names`` (sorted sources) when one k-means per source."""
+    part = plan.parts[j]
+    blocks, replaced = trajectories.read_part(run, plan, j)
+    if names:
+        source = pq.read_table(part.corpus, columns=["source"], filesystem=run.fs).column("source")
+        groups = pc.index_in(source, value_set=pa.array(names))
+        if groups.null_count:
+            raise ClusteringError(f"{part.corpus}: sources outside the clustered ones {names}")
+        groups = groups.to_numpy(zero_copy_only=False).astype(np.int32)
+    else:
+        groups = np.zeros(part.rows, np.int32)
+    labels, dist = assign_grouped(blocks["loss"], groups, centroids, offsets)
+    count = np.zeros(part.rows, np.int64)
+    count[:1] = replaced
+    return pa.table({"idx": np.arange(part.start, part.start + part.rows), "cluster": labels, "distance": dist,
+                     "replaced": count})
 
 
-def _blocks(x: np.ndarray, groups: np.ndarray, rows_per_block: int) -> list[pa.Table]:
-    out = []
-    for s in range(0, len(x), rows_per_block):
-        xb = np.ascontiguousarray(x[s:s + rows_per_block], dtype=np.float32)
-        out.append(pa.table({
-            "row": pa.array(np.arange(s, s + len(xb), dtype=np.int64)),
-            "group": pa.array(groups[s:s + len(xb)].astype(np.int32)),
-            "x": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel()), xb.shape[1])}))
-    return out
+def assign_ray(plan: trajectories.Plan, centroids: list[np.ndarray], offsets: np.ndarray | None = None,
+               names: list[str] | None = None, *, num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every row's cluster and distance, computed part by part in Ray Data tasks; and the non-finite count.
 
-
-def assign_ray(x: np.ndarray, centroids: list[np.ndarray], groups: np.ndarray | None = None,
-               offsets: np.ndarray | None = None, *, rows_per_block: int | None = None,
-               num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """``assign_grouped`` over all rows as Ray Data tasks, one per block, results streamed back.
-
-    ``rows_per_block`` defaults to N/8 capped at MAX_BLOCK_ROWS. The input blocks are already in
-    the object store (no read tasks to starve), so whole CPUs per task are safe; on 2 cores they
-    ran 2-3x faster than 0.5 CPU (4 tasks competing for the cores).
+    Only the results (idx, cluster, distance: 16 bytes a row) come back to the driver.
     """
-    import ray.data
-
-    groups = np.zeros(len(x), np.int32) if groups is None else groups
-    rows_per_block = rows_per_block or max(1, min(MAX_BLOCK_ROWS, -(-len(x) // 8)))
     offsets = np.zeros(len(centroids), np.int64) if offsets is None else offsets
-    ds = ray.data.from_arrow(_blocks(x, groups, rows_per_block)).map_batches(
-        _assign_block, fn_kwargs={"centroids": centroids, "offsets": offsets},
-        batch_size=None, batch_format="pyarrow", num_cpus=num_cpus)
-    labels = np.full(len(x), -1, np.int32)
-    dist = np.empty(len(x), np.float32)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        labels[batch["row"]], dist[batch["row"]] = batch["cluster"], batch["distance"]
+    labels = np.full(plan.n, -1, np.int32)
+    dist = np.empty(plan.n, np.float32)
+    replaced = 0
+    for table in trajectories.map_parts(plan, _assign_part, {"centroids": centroids, "offsets": offsets,
+                                                              "names": names or []}, num_cpus=num_cpus):
+        idx = table.column("idx").to_numpy()
+        labels[idx], dist[idx] = table.column("cluster").to_numpy(), table.column("distance").to_numpy()
+        replaced += int(table.column("replaced").to_numpy().sum())
     if (labels < 0).any():
         raise ClusteringError(f"Ray Data assignment returned no result for {int((labels < 0).sum())} rows")
-    return labels, dist
+    return labels, dist, replaced
 
 
 # the run-level stage ------------------------------------------------------------------------------
@@ -262,30 +255,37 @@ def _timed(timings: dict, name: str) -> Iterator[None]:
 
 
 def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int | None = None,
-                rows_per_block: int | None = None, num_cpus: float = 1.0, report: bool = True) -> dict:
+                num_cpus: float = 1.0, report: bool = True) -> dict:
     """Trajectories to ``clusters.parquet`` (and ``report.png``); returns statistics for the manifest.
 
-    ``num_points`` is the proxy's T (None: inferred from the done points). Assignment runs as
-    Ray Data tasks of ``rows_per_block`` rows reserving ``num_cpus`` each.
+    ``num_points`` is the proxy's T (None: inferred from the done points). The fit sample is
+    gathered and every row assigned by Ray Data tasks reserving ``num_cpus`` each; the driver
+    holds the sample and one cluster id and distance per row.
     """
     timings: dict[str, float] = {}
     backend = resolve_backend(cfg.backend)
     with _timed(timings, "trajectories"):
-        traj = trajectories.load(run, cfg, num_points)
-        x, n = traj.x, len(traj.x)
+        plan = trajectories.plan(run, cfg, num_points)
+        n = plan.n
         if cfg.per_source:
             codes, names = corpus_sources(run)
             groups = [np.flatnonzero(codes == g) for g in range(len(names))]
             ks = [min(cfg.k, len(r)) for r in groups]
         else:
             check_k(cfg.k, n)
-            codes, names, groups, ks = None, [], [None], [cfg.k]
-    with _timed(timings, "fit"):
-        centroids = [fit(x, kg, niter=cfg.niter, seed=seed, backend=backend,
-                         max_points_per_centroid=cfg.max_points_per_centroid, rows=r) for kg, r in zip(ks, groups)]
+            names, groups, ks = [], [np.arange(n)], [cfg.k]
+    if cfg.max_points_per_centroid < 1:
+        raise ClusteringError(f"cluster.max_points_per_centroid must be >= 1, got {cfg.max_points_per_centroid}")
     offsets = np.concatenate([[0], np.cumsum(ks)[:-1]]).astype(np.int64)
+    with _timed(timings, "fit"):
+        samples = [r[fit_sample(len(r), kg, cfg.max_points_per_centroid, seed)] for kg, r in zip(ks, groups)]
+        xs = trajectories.gather(plan, np.concatenate(samples), num_cpus=num_cpus)
+        bounds = np.cumsum([0] + [len(s) for s in samples])
+        centroids = [fit(xs[lo:hi], kg, niter=cfg.niter, seed=seed, backend=backend,
+                         max_points_per_centroid=cfg.max_points_per_centroid)
+                     for kg, lo, hi in zip(ks, bounds[:-1], bounds[1:])]
     with _timed(timings, "assign"):
-        labels, dist = assign_ray(x, centroids, codes, offsets, rows_per_block=rows_per_block, num_cpus=num_cpus)
+        labels, dist, nan_count = assign_ray(plan, centroids, offsets, names, num_cpus=num_cpus)
     fingerprint = run.read_manifest().get("corpus", {}).get("fingerprint")
     with _timed(timings, "write"):
         write_clusters(run, labels, dist, fingerprint)
@@ -294,14 +294,14 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
     if report:
         from .report import write_report
 
+        sample_rows = np.concatenate(samples)
         with _timed(timings, "report"):
-            write_report(run, cluster_means(x, labels, n_clusters), sizes, traj.steps)
-    samples = [sample_size(n if r is None else len(r), kg, cfg.max_points_per_centroid) for kg, r in zip(ks, groups)]
+            write_report(run, cluster_means(xs, labels[sample_rows], n_clusters), sizes, list(plan.steps))
     stats = {"backend": backend, "k": n_clusters, "per_source": cfg.per_source, "rows": n,
-             "points": traj.points, "steps": traj.steps, "sample_size": int(sum(samples)),
+             "points": list(plan.points), "steps": list(plan.steps), "sample_size": len(xs),
              "inertia": float(dist.sum(dtype=np.float64)), "cluster_sizes": sizes.tolist(),
-             "empty_clusters": int((sizes == 0).sum()), "nan_count": traj.nan_count,
-             "fingerprint_checked": traj.fingerprint_checked, "timings": timings}
+             "empty_clusters": int((sizes == 0).sum()), "nan_count": nan_count,
+             "fingerprint_checked": plan.fingerprint_checked, "timings": timings}
     if cfg.per_source:
         stats["sources"] = {s: {"rows": len(r), "k": kg, "first_cluster": int(o)}
                             for s, r, kg, o in zip(names, groups, ks, offsets)}

@@ -220,7 +220,7 @@ class RunDir:
         """Finished trajectory points: ``{t: {"step": ..., "files": [...], "rows": ...}}``.
 
         A record should also hold ``corpus_fingerprint`` (the manifest's ``corpus.fingerprint`` when
-        the point was scored): trajectories.load refuses points scored on another corpus.
+        the point was scored): trajectories.plan refuses points scored on another corpus.
         """
         return self._points(self.trajectories_done)
 

@@ -1,18 +1,20 @@
-"""Read, pivot and validate the trajectory table.
+"""Read and validate the trajectory table, one corpus part at a time, in parallel with Ray Data.
 
-The long table (one row per example and trajectory point, ``layout.TRAJECTORY_SCHEMA``) becomes
-a dense float32 matrix ``[N, T']``: row i is the trajectory of corpus row ``idx == i``, column j
-the j-th kept point. Only ``idx`` and ``loss`` are read, one file at a time, so memory stays at
-the matrix (4 bytes per example and point) plus one point's column (5 bytes per example) and one
-file's two columns.
+Point t's losses for corpus part n live in ``trajectories/checkpoint=<t>/part-<n>.parquet``
+(``layout.TRAJECTORY_SCHEMA``), the part's rows in idx order. ``read_part`` turns one part's
+files into a dense float32 block ``[rows, T']`` (column j: the j-th kept point); ``map_parts``
+runs a function over all parts as Ray Data tasks and streams its per-row results back, so the
+full N x T matrix never sits on one node.
 
-Checks, each raising TrajectoryError naming the point and file at fault:
-every point 0..T-1 is done; a point has exactly N rows, each idx in [0, N) exactly once; its
-files carry no other point's rows (Parquet statistics); its record's ``corpus_fingerprint``
-equals the manifest's; and the ids of a sample of its rows (the first ID_SAMPLE_ROWS rows of one
-of its files, a different file for each point) equal the corpus ids at those idx, so
-trajectories of another corpus are caught even when a record carries no fingerprint.
+Checks, each raising TrajectoryError naming the point and file at fault: every point 0..T-1 is
+done, its record lists one file per corpus part, has N rows and the manifest's
+``corpus_fingerprint``; each file has the part's rows exactly, idx start..end-1 in order, and
+no other point's rows (Parquet statistics); and the ids of one point per part (a different
+point for each part) equal the corpus ids, so trajectories of another corpus are caught even
+when a record carries no fingerprint. Non-finite (or null) values become
+``ClusterConfig.nan_value`` and are counted.
 
+Per-example scores for the baseline methods (``FEATURES``) are computed from the same blocks.
 A synthetic-run writer (corpus + trajectories, written in chunks) serves benchmarks and tests.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,21 +32,34 @@ import pyarrow.parquet as pq
 from .config import ClusterConfig
 from .layout import CORPUS_SCHEMA, TRAJECTORY_SCHEMA, RunDir, write_parquet_atomic
 
-ID_SAMPLE_ROWS = 256  # rows per point whose ids are checked against the corpus
+MAX_TASK_ROWS = 500_000  # rows one Ray Data task reads at most (at least 8 tasks otherwise)
 
 
 class TrajectoryError(ValueError):
     """The trajectory table is incomplete, inconsistent, or belongs to another corpus."""
 
 
-@dataclass
-class Trajectories:
-    """The dense trajectory matrix and where it came from."""
+@dataclass(frozen=True)
+class Part:
+    """One corpus part and its trajectory files, one per kept point."""
 
-    x: np.ndarray  # [N, T'] float32; row i is corpus row idx == i
-    points: list[int]  # the kept trajectory points, in order
-    steps: list[int]  # the proxy training step of each kept point
-    nan_count: int  # non-finite (or null) losses replaced by ClusterConfig.nan_value
+    number: int  # n in corpus/part-<n>.parquet
+    start: int  # idx of its first row
+    rows: int
+    corpus: str  # corpus part path
+    files: tuple[str, ...]  # trajectory file of each kept point
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a validated trajectory table holds; cheap to ship to Ray tasks."""
+
+    uri: str  # the run directory
+    n: int
+    points: tuple[int, ...]  # the kept trajectory points, in order
+    steps: tuple[int, ...]  # the proxy training step of each kept point
+    parts: tuple[Part, ...]
+    nan_value: float
     fingerprint_checked: bool  # every kept point's record carried the corpus fingerprint
 
 
@@ -69,172 +85,204 @@ def check_done(done: dict[int, dict], num_points: int | None) -> int:
     return num_points
 
 
-def _corpus_record(run: RunDir) -> tuple[int, str | None]:
+def _corpus_parts(run: RunDir) -> tuple[list[tuple[int, int, int, str]], int, str | None]:
+    """(number, start, rows, path) of each corpus part, N, and the corpus fingerprint."""
     corpus = run.read_manifest().get("corpus", {})
     if not corpus.get("files") or "rows" not in corpus:
         raise TrajectoryError(f"{run.manifest}: no stored corpus recorded (corpus.files / corpus.rows)")
-    return int(corpus["rows"]), corpus.get("fingerprint")
+    parts, start = [], 0
+    for name, path in zip(corpus["files"], run.corpus_files()):
+        number = int(posixpath.basename(name).removeprefix("part-").removesuffix(".parquet"))
+        rows = pq.ParquetFile(path, filesystem=run.fs).metadata.num_rows
+        parts.append((number, start, rows, path))
+        start += rows
+    if start != corpus["rows"]:
+        raise TrajectoryError(f"the corpus files hold {start} rows, {run.manifest} says {corpus['rows']}")
+    return parts, start, corpus.get("fingerprint")
 
 
-def _check_record(t: int, rec: dict, n: int, fingerprint: str | None) -> None:
-    if not rec.get("files"):
-        raise TrajectoryError(f"trajectory point {t}: its record lists no files")
+def _check_record(run: RunDir, t: int, rec: dict, n: int, fingerprint: str | None, numbers: list[int]) -> None:
     if rec.get("rows") != n:
         raise TrajectoryError(f"trajectory point {t}: its record has {rec.get('rows')} rows, the corpus {n}")
     got = rec.get("corpus_fingerprint")
     if got is not None and fingerprint is not None and got != fingerprint:
         raise TrajectoryError(f"trajectory point {t} was scored on another corpus (fingerprint {got}, "
                               f"manifest corpus.fingerprint {fingerprint}); score it again")
+    expected = {f"checkpoint={t}/part-{p:05d}.parquet" for p in numbers}
+    files = {"/".join(f.split("/")[-2:]) for f in rec.get("files", [])}  # relative: the run dir may move
+    if files != expected or len(rec.get("files", [])) != len(expected):
+        raise TrajectoryError(f"trajectory point {t}: its record lists {len(rec.get('files', []))} files, not one per "
+                              f"corpus part ({len(expected)}); unexpected {sorted(files - expected)[:3]}, "
+                              f"missing {sorted(expected - files)[:3]}")
 
 
-def _open(run: RunDir, path: str, t: int) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path, filesystem=run.fs)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise TrajectoryError(f"trajectory point {t}: cannot read {path}: {e}") from None
-
-
-def _check_file(pf: pq.ParquetFile, path: str, t: int) -> None:
-    """The file has ``idx`` and ``loss``, and its ``checkpoint`` statistics say it holds point t only."""
-    names = pf.schema_arrow.names
-    for col in ("idx", "loss"):
-        if col not in names:
-            raise TrajectoryError(f"trajectory point {t}: {path} has no column {col!r} (columns: {names})")
-    if "checkpoint" not in names:
-        return
-    j = names.index("checkpoint")
-    for r in range(pf.metadata.num_row_groups):
-        st = pf.metadata.row_group(r).column(j).statistics
-        if st is not None and st.has_min_max and (st.min != t or st.max != t):
-            raise TrajectoryError(f"trajectory point {t}: {path} holds rows of checkpoints {st.min}..{st.max}")
-
-
-def _read_columns(pf: pq.ParquetFile, path: str, t: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    table = pf.read(columns=["idx", "loss"])
-    idx_col = table.column("idx")
-    if idx_col.null_count:
-        raise TrajectoryError(f"trajectory point {t}: {path} has {idx_col.null_count} null idx values")
-    idx = idx_col.to_numpy().astype(np.int64, copy=False)
-    loss = table.column("loss").to_numpy().astype(np.float32, copy=False)  # nulls become NaN
-    if len(idx) and (idx.min() < 0 or idx.max() >= n):
-        bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
-        raise TrajectoryError(f"trajectory point {t}: {path} has idx {bad} outside the corpus's 0..{n - 1}")
-    return idx, loss
-
-
-def _find_duplicates(run: RunDir, t: int, files: list[str]) -> str:
-    """Diagnosis on the error path only: the first file holding a repeated idx."""
-    seen: set[int] = set()
-    for path in files:
-        idx = pq.read_table(path, columns=["idx"], filesystem=run.fs).column("idx").to_numpy()
-        uniq, counts = np.unique(idx, return_counts=True)
-        again = np.concatenate([uniq[counts > 1], uniq[np.isin(uniq, list(seen))]])
-        if len(again):
-            return f"{path} repeats idx {sorted(again[:5].tolist())}"
-        seen.update(uniq.tolist())
-    return "repeated idx"
-
-
-def _read_point(run: RunDir, t: int, files: list[str], col: np.ndarray, seen: np.ndarray) -> None:
-    """Scatter point t's losses into ``col`` (length N) by idx, checking that every idx appears once."""
-    n = len(col)
-    seen[:] = False
-    rows = 0
-    for path in files:
-        pf = _open(run, path, t)
-        _check_file(pf, path, t)
-        idx, loss = _read_columns(pf, path, t, n)
-        col[idx] = loss
-        seen[idx] = True
-        rows += len(idx)
-    if rows != n:
-        raise TrajectoryError(f"trajectory point {t}: its files hold {rows} rows, the corpus has {n}")
-    if not seen.all():
-        missing = np.flatnonzero(~seen)[:5].tolist()
-        raise TrajectoryError(f"trajectory point {t}: idx {missing} missing while others appear twice "
-                              f"({_find_duplicates(run, t, files)})")
-
-
-def _replace_non_finite(col: np.ndarray, value: float) -> int:
-    """Set NaN/inf (and null) losses to ``value``; returns how many there were."""
-    bad = ~np.isfinite(col)
-    count = int(np.count_nonzero(bad))
-    if count:
-        col[bad] = value
-    return count
-
-
-def _id_samples(run: RunDir, t: int, files: list[str]) -> list[tuple[int, int, str, str]]:
-    """(t, idx, id, file) of the first ID_SAMPLE_ROWS rows of file ``t mod len(files)`` of point t."""
-    path = files[t % len(files)]
-    pf = _open(run, path, t)
-    if "id" not in pf.schema_arrow.names:
-        raise TrajectoryError(f"trajectory point {t}: {path} has no column 'id'")
-    for batch in pf.iter_batches(batch_size=ID_SAMPLE_ROWS, columns=["idx", "id"]):
-        return [(t, int(i), rid, path) for i, rid in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())]
-    return []
-
-
-def corpus_ids_at(run: RunDir, positions: np.ndarray) -> dict[int, str]:
-    """The corpus ids at the given idx, reading only the row groups that hold them."""
-    want = np.unique(np.asarray(positions, dtype=np.int64))
-    out: dict[int, str] = {}
-    start = 0
-    for path in run.corpus_files():
-        pf = pq.ParquetFile(path, filesystem=run.fs)
-        rg_rows = np.array([pf.metadata.row_group(r).num_rows for r in range(pf.metadata.num_row_groups)], np.int64)
-        bounds = start + np.concatenate([[0], np.cumsum(rg_rows)])
-        here = want[(want >= bounds[0]) & (want < bounds[-1])]
-        if len(here):
-            rg_of = np.searchsorted(bounds, here, side="right") - 1
-            groups = np.unique(rg_of)
-            table = pf.read_row_groups(groups.tolist(), columns=["idx", "id"])
-            table_start = np.zeros(len(rg_rows), np.int64)
-            table_start[groups] = np.concatenate([[0], np.cumsum(rg_rows[groups])[:-1]])
-            pos = pa.array(table_start[rg_of] + here - bounds[rg_of])
-            idx = table.column("idx").take(pos).to_numpy()
-            if not np.array_equal(idx, here):
-                raise TrajectoryError(f"{path}: corpus rows are not in idx order (expected idx {here[:3].tolist()}, "
-                                      f"found {idx[:3].tolist()})")
-            out.update(zip(here.tolist(), table.column("id").take(pos).to_pylist()))
-        start = int(bounds[-1])
-    return out
-
-
-def _check_ids(run: RunDir, samples: list[tuple[int, int, str, str]]) -> None:
-    """Every sampled (point, idx, id, file) must match the corpus id at idx."""
-    corpus = corpus_ids_at(run, np.array([s[1] for s in samples], dtype=np.int64))
-    for t, i, rid, path in samples:
-        if corpus.get(i) != rid:
-            raise TrajectoryError(f"trajectory point {t}: {path} has id {rid!r} at idx {i}, the corpus "
-                                  f"{corpus.get(i)!r}: these trajectories belong to another corpus")
-
-
-def load(run: RunDir, cfg: ClusterConfig, num_points: int | None = None) -> Trajectories:
-    """Validate the trajectory table and pivot its kept points into a dense [N, T'] matrix.
+def plan(run: RunDir, cfg: ClusterConfig, num_points: int | None = None) -> Plan:
+    """Check the done records against the corpus (no loss is read); the parts to read.
 
     ``num_points`` is T (the proxy's ``num_points``); None takes it from the done points, which
     must then be 0..max without gaps.
     """
     if not np.isfinite(cfg.nan_value):
         raise TrajectoryError(f"cluster.nan_value must be a finite number, got {cfg.nan_value}")
-    n, fingerprint = _corpus_record(run)
+    corpus_parts, n, fingerprint = _corpus_parts(run)
     done = run.done_points()
     points = kept_points(check_done(done, num_points), cfg.keep_every)
+    numbers = [p[0] for p in corpus_parts]
     for t in points:
-        _check_record(t, done[t], n, fingerprint)
-    x = np.empty((n, len(points)), dtype=np.float32)
-    col, seen = np.empty(n, np.float32), np.empty(n, bool)  # one point, contiguous: fast scatter
-    nan_count = 0
-    for j, t in enumerate(points):
-        files = list(done[t]["files"])
-        _check_ids(run, _id_samples(run, t, files))
-        _read_point(run, t, files, col, seen)
-        nan_count += _replace_non_finite(col, cfg.nan_value)
-        x[:, j] = col
-    return Trajectories(x=x, points=points, steps=[int(done[t]["step"]) for t in points], nan_count=nan_count,
-                        fingerprint_checked=fingerprint is not None and all(
-                            done[t].get("corpus_fingerprint") == fingerprint for t in points))
+        _check_record(run, t, done[t], n, fingerprint, numbers)
+    parts = tuple(Part(number, start, rows, path, tuple(run.trajectory_part(t, number) for t in points))
+                  for number, start, rows, path in corpus_parts)
+    return Plan(uri=run.uri, n=n, points=tuple(points), steps=tuple(int(done[t]["step"]) for t in points),
+                parts=parts, nan_value=float(cfg.nan_value),
+                fingerprint_checked=fingerprint is not None and all(
+                    done[t].get("corpus_fingerprint") == fingerprint for t in points))
+
+
+# one part ------------------------------------------------------------------------------------------
+
+def _read_file(run: RunDir, part: Part, t: int, path: str, columns: list[str]) -> pa.Table:
+    """Point t's rows of ``part``, checked: readable, the columns, point t only, idx start..end-1 in order."""
+    try:
+        pf = pq.ParquetFile(path, filesystem=run.fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise TrajectoryError(f"trajectory point {t}: cannot read {path}: {e}") from None
+    names = pf.schema_arrow.names
+    for col in ["idx", *columns]:
+        if col not in names:
+            raise TrajectoryError(f"trajectory point {t}: {path} has no column {col!r} (columns: {names})")
+    if "checkpoint" in names:
+        j = names.index("checkpoint")
+        for r in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(r).column(j).statistics
+            if st is not None and st.has_min_max and (st.min != t or st.max != t):
+                raise TrajectoryError(f"trajectory point {t}: {path} holds rows of checkpoints {st.min}..{st.max}")
+    if pf.metadata.num_rows != part.rows:
+        raise TrajectoryError(f"trajectory point {t}: {path} has {pf.metadata.num_rows} rows, corpus part "
+                              f"{part.corpus} {part.rows}")
+    table = pf.read(columns=["idx", *columns])
+    idx = table.column("idx").to_numpy(zero_copy_only=False)
+    expected = np.arange(part.start, part.start + part.rows)
+    if table.column("idx").null_count or not np.array_equal(idx, expected):
+        r = int(np.flatnonzero(idx != expected)[0]) if table.column("idx").null_count == 0 else 0
+        raise TrajectoryError(f"trajectory point {t}: {path} row {r} has idx {idx[r]}, expected {expected[r]} "
+                              f"(the rows of corpus part {part.number}, idx {part.start}..{part.start + part.rows - 1}"
+                              f", in order)")
+    return table
+
+
+def read_part(run: RunDir, plan: Plan, j: int, columns: tuple[str, ...] = ("loss",)) -> tuple[dict[str, np.ndarray], int]:
+    """Part j's blocks ``{column: [rows, T']}`` (float32, non-finite replaced) and how many were replaced."""
+    part = plan.parts[j]
+    check = j % len(plan.points)  # the point whose ids are checked for this part
+    out = {c: np.empty((part.rows, len(plan.points)), np.float32) for c in columns}
+    for k, (t, path) in enumerate(zip(plan.points, part.files)):
+        table = _read_file(run, part, t, path, list(columns) + (["id"] if k == check else []))
+        if k == check:
+            _check_ids(run, part, t, path, table.column("id"))
+        for c in columns:
+            out[c][:, k] = table.column(c).to_numpy(zero_copy_only=False)  # nulls become NaN
+    replaced = 0
+    for block in out.values():
+        bad = ~np.isfinite(block)
+        replaced += int(np.count_nonzero(bad))
+        block[bad] = plan.nan_value
+    return out, replaced
+
+
+def _check_ids(run: RunDir, part: Part, t: int, path: str, ids: pa.ChunkedArray) -> None:
+    corpus = pq.read_table(part.corpus, columns=["id"], filesystem=run.fs).column("id")
+    if not ids.equals(corpus):
+        got, want = ids.to_pylist(), corpus.to_pylist()
+        r = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        raise TrajectoryError(f"trajectory point {t}: {path} has id {got[r]!r} at idx {part.start + r}, the corpus "
+                              f"{want[r]!r}: these trajectories belong to another corpus")
+
+
+# all parts, in parallel ----------------------------------------------------------------------------
+
+def _task_parts(plan: Plan) -> int:
+    """Parts per Ray Data task: at least 8 tasks, at most MAX_TASK_ROWS rows each (parts are never split)."""
+    per_part = max(1, max(p.rows for p in plan.parts))
+    return max(1, min(-(-len(plan.parts) // 8), MAX_TASK_ROWS // per_part))
+
+
+def _run_parts(batch: dict[str, np.ndarray], plan: Plan, fn: Callable, kwargs: dict) -> pa.Table:
+    """Ray Data UDF: ``fn(run, plan, j, **kwargs)`` (a table of per-row results) for each part j of the batch."""
+    run = RunDir(plan.uri)
+    return pa.concat_tables([fn(run, plan, int(j), **kwargs) for j in batch["part"]])
+
+
+def map_parts(plan: Plan, fn: Callable, kwargs: dict | None = None, *, num_cpus: float = 1.0) -> Iterator[pa.Table]:
+    """Run ``fn(run, plan, j, **kwargs) -> pa.Table`` over every part as Ray Data tasks; stream the tables back.
+
+    Tasks read their inputs themselves (no read tasks to starve), so whole CPUs per task are
+    safe; on 2 cores they ran 2-3x faster than 0.5 CPU.
+    """
+    import ray.data
+
+    ds = ray.data.from_items([{"part": j} for j in range(len(plan.parts))], override_num_blocks=len(plan.parts))
+    ds = ds.map_batches(_run_parts, fn_kwargs={"plan": plan, "fn": fn, "kwargs": kwargs or {}},
+                        batch_size=_task_parts(plan), batch_format="numpy", num_cpus=num_cpus)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _rows_of(run: RunDir, plan: Plan, j: int, positions: np.ndarray) -> pa.Table:
+    part = plan.parts[j]
+    here = positions[(positions >= part.start) & (positions < part.start + part.rows)]
+    if not len(here):
+        return pa.table({"idx": pa.array([], pa.int64()), "x": pa.array([], pa.list_(pa.float32(), len(plan.points)))})
+    x = read_part(run, plan, j)[0]["loss"][here - part.start]
+    return pa.table({"idx": here, "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+
+
+def gather(plan: Plan, positions: np.ndarray, *, num_cpus: float = 1.0) -> np.ndarray:
+    """The trajectories ``[len(positions), T']`` of the rows at ``positions`` (idx), in that order."""
+    positions = np.asarray(positions, dtype=np.int64)
+    want = np.unique(positions)
+    rows = np.empty((len(want), len(plan.points)), np.float32)
+    for table in map_parts(plan, _rows_of, {"positions": want}, num_cpus=num_cpus):
+        col = table.column("x").combine_chunks()
+        rows[np.searchsorted(want, table.column("idx").to_numpy())] = col.flatten().to_numpy().reshape(len(col), -1)
+    return rows[np.searchsorted(want, positions)]
+
+
+# per-example scores for the baseline methods --------------------------------------------------------
+
+FEATURES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    # name: (trajectory column, function of its block [rows, T'] to one value per row)
+    "last_loss": ("loss", lambda b: b[:, -1]),
+    "learnability": ("loss", lambda b: b[:, 0] - b[:, -1]),
+    "confidence_mean": ("confidence", lambda b: b.mean(axis=1)),
+    "confidence_std": ("confidence", lambda b: b.std(axis=1)),
+}
+
+
+def _features_of(run: RunDir, plan: Plan, j: int, names: list[str]) -> pa.Table:
+    columns = tuple(sorted({FEATURES[name][0] for name in names}))
+    blocks, replaced = read_part(run, plan, j, columns)
+    part = plan.parts[j]
+    out = {"idx": np.arange(part.start, part.start + part.rows),
+           "replaced": np.full(part.rows, 0, np.int64)}
+    out["replaced"][0] = replaced
+    for name in names:
+        col, fn = FEATURES[name]
+        out[name] = fn(blocks[col]).astype(np.float32)
+    return pa.table(out)
+
+
+def features(plan: Plan, names: list[str], *, num_cpus: float = 1.0) -> tuple[dict[str, np.ndarray], int]:
+    """Per-example scores ``FEATURES[name]`` (float32, idx order) and how many values were non-finite."""
+    unknown = sorted(set(names) - set(FEATURES))
+    if unknown:
+        raise TrajectoryError(f"unknown trajectory features {unknown}; known: {sorted(FEATURES)}")
+    out = {name: np.full(plan.n, np.nan, np.float32) for name in names}
+    replaced = 0
+    for table in map_parts(plan, _features_of, {"names": list(names)}, num_cpus=num_cpus):
+        idx = table.column("idx").to_numpy()
+        replaced += int(table.column("replaced").to_numpy().sum())
+        for name in names:
+            out[name][idx] = table.column(name).to_numpy()
+    return out, replaced
 
 
 # Synthetic runs, for benchmarks and tests ---------------------------------------------------------
@@ -293,7 +341,7 @@ def write_synthetic_run(run: RunDir, rows: int, num_points: int, *, num_sources:
         files.append(posixpath.basename(run.corpus_part(c)))
         x = synthetic_losses(rng, patterns, n, noise)
         for t in range(num_points):
-            path = posixpath.join(run.trajectory_dir(t), f"part-{c:05d}.parquet")
+            path = run.trajectory_part(t, c)
             write_parquet_atomic(run.fs, path, _point_table(idx, ids, t, 100 * (t + 1), x[:, t]))
             point_files[t].append(path)
     record = {"files": files, "rows": rows, "fingerprint": fingerprint,

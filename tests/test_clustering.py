@@ -77,30 +77,6 @@ def test_without_cuml_auto_is_faiss_and_cuml_is_an_error():
         cl.resolve_backend("cuml")
 
 
-def test_ray_assignment_equals_single_process(ray_local):
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(20_011, 12)).astype(np.float32)
-    c = [rng.normal(size=(9, 12)).astype(np.float32)]
-    labels, dist = cl.assign_ray(x, c, rows_per_block=1000)  # the last block (11 rows) takes faiss's non-BLAS path
-    ref_labels, ref_dist = cl.assign(x, c[0])
-    np.testing.assert_array_equal(labels, ref_labels)
-    np.testing.assert_array_equal(dist, ref_dist)
-
-
-def test_ray_grouped_assignment_equals_single_process(ray_local):
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(9_000, 6)).astype(np.float32)
-    groups = rng.integers(0, 3, len(x)).astype(np.int32)
-    cents = [rng.normal(size=(k, 6)).astype(np.float32) for k in (4, 2, 5)]
-    offsets = np.array([0, 4, 6])
-    labels, dist = cl.assign_ray(x, cents, groups, offsets, rows_per_block=1_234)
-    ref_labels, ref_dist = cl.assign_grouped(x, groups, cents, offsets)
-    np.testing.assert_array_equal(labels, ref_labels)
-    np.testing.assert_array_equal(dist, ref_dist)
-    for g, (lo, k) in enumerate([(0, 4), (4, 2), (6, 5)]):
-        assert ((labels[groups == g] >= lo) & (labels[groups == g] < lo + k)).all()
-
-
 @pytest.fixture
 def synthetic_run(tmp_path) -> RunDir:
     run = RunDir(str(tmp_path / "run"))
@@ -144,6 +120,33 @@ def test_cluster_run_per_source_offsets_and_clips_k(ray_local, synthetic_run):
         assert mine.min() >= first and mine.max() < first + info["k"]
         first += info["k"]
     assert stats["k"] == first and "report" not in stats["timings"]
+
+
+def full_matrix(run: RunDir, num_points: int) -> np.ndarray:
+    plan = tr.plan(run, ClusterConfig(), num_points)
+    return np.concatenate([tr.read_part(run, plan, j)[0]["loss"] for j in range(len(plan.parts))])
+
+
+def test_ray_assignment_equals_single_process(ray_local, synthetic_run):
+    run = synthetic_run
+    cl.cluster_run(run, ClusterConfig(k=8, max_points_per_centroid=100), seed=3, num_points=6, report=False)
+    x = full_matrix(run, 6)  # the reference: the whole matrix in this process
+    ref_labels, ref_dist = cl.assign(x, cl.fit(x, 8, seed=3, max_points_per_centroid=100))
+    table = pq.read_table(run.clusters)
+    np.testing.assert_array_equal(table.column("cluster").to_numpy(), ref_labels)
+    np.testing.assert_array_equal(table.column("distance").to_numpy(), ref_dist)
+
+
+def test_ray_per_source_assignment_equals_single_process(ray_local, synthetic_run):
+    run = synthetic_run
+    cl.cluster_run(run, ClusterConfig(k=5, per_source=True, max_points_per_centroid=50), seed=1, report=False)
+    x = full_matrix(run, 6)
+    codes, names = cl.corpus_sources(run)
+    cents = [cl.fit(x[codes == g], 5, seed=1, max_points_per_centroid=50) for g in range(len(names))]
+    ref_labels, ref_dist = cl.assign_grouped(x, codes, cents, np.arange(len(names)) * 5)
+    table = pq.read_table(run.clusters)
+    np.testing.assert_array_equal(table.column("cluster").to_numpy(), ref_labels)
+    np.testing.assert_array_equal(table.column("distance").to_numpy(), ref_dist)
 
 
 def test_cluster_run_with_k_above_n_fails_before_work(ray_local, synthetic_run):
