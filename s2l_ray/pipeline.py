@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any
 
-from . import __version__
-from .config import S2LConfig, to_dict
+from . import __version__, methods
+from .config import ConfigError, S2LConfig, to_dict
 from .layout import LayoutError, RunDir
 
 
@@ -145,9 +145,10 @@ def run_select(run: RunDir, cfg: S2LConfig) -> dict:
     from .sampling import select_run
 
     started = time.time()
-    stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed)
+    stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
     run.update_manifest(selection=stats)
     _finish(run, "selection", _key(to_dict(cfg.select), cfg.seed), started)
+    log(f"selection: {cfg.select.method}, budgets {', '.join(stats['budgets'])} ({time.time() - started:.1f}s)")
     return stats
 
 
@@ -156,12 +157,15 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
     m = run.read_manifest()
     budgets = m["selection"]["budgets"]
     several = len(budgets) > 1
+    clustered = methods.get(m["selection"]["method"]).clusters
     lines = [f"selected with {m['selection']['method']} from {m['corpus']['rows']} examples "
-             f"({len(m['corpus']['sources'])} sources), {m['clusters']['k']} clusters:"]
+             f"({len(m['corpus']['sources'])} sources)" + (f", {m['clusters']['k']} clusters:" if clustered else ":")]
     for b, rec in budgets.items():
         lines.append(f"  budget {b}: {rec['selected']} examples -> {run.uri_of(posixpath.basename(run.selected_jsonl(int(b) if several else None)))}")
-    lines += [f"  trajectories: {run.uri_of('trajectories')}", f"  clusters:     {run.uri_of('clusters.parquet')}",
-              f"  report:       {run.uri_of('report.png')}", f"  manifest:     {run.uri_of('manifest.json')}",
+    lines.append(f"  trajectories: {run.uri_of('trajectories')}")
+    if clustered:
+        lines += [f"  clusters:     {run.uri_of('clusters.parquet')}", f"  report:       {run.uri_of('report.png')}"]
+    lines += [f"  manifest:     {run.uri_of('manifest.json')}",
               f"  total time:   {m['total_seconds']:.1f}s",
               f"next: python jobs/finetune.py --data {run.uri}"]
     return "\n".join(lines)
@@ -170,6 +174,10 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
 def select(cfg: S2LConfig) -> dict:
     """The whole selection run; returns the manifest."""
     total = time.time()
+    try:
+        method = methods.get(cfg.select.method)
+    except ValueError as e:
+        raise ConfigError(f"select.method: {e}") from None
     cfg, tokenizer_dir, inputs = prepare_inputs(cfg)  # bad paths fail here, before Ray starts
     run = RunDir(cfg.output)
     run.ensure()
@@ -177,7 +185,8 @@ def select(cfg: S2LConfig) -> dict:
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv)
     corpus = run_corpus(run, cfg, tokenizer_dir)
     run_proxy(run, cfg, inputs, corpus)
-    run_clusters(run, cfg)
+    if method.clusters:
+        run_clusters(run, cfg)
     run_select(run, cfg)
     manifest = run.update_manifest(total_seconds=round(time.time() - total, 2))
     log("done\n" + summary(run, cfg))

@@ -1,4 +1,4 @@
-"""Algorithm 1 of S2L and source stratification; writes the selection and the selected rows.
+"""Algorithm 1 of S2L and source stratification; runs a selection method and writes its rows.
 
 Algorithm 1 (``allocate``): walk the clusters by ascending size (ties by cluster id); cluster k
 (0-based, of K) gives ``min(|C_k|, floor((B - selected) / (K - k)))`` examples, drawn uniformly
@@ -20,18 +20,23 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from json.encoder import encode_basestring
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .clustering import codes_of
+from . import methods, trajectories
+from .clustering import codes_of, corpus_sources
 from .config import ClusterConfig, SelectConfig
-from .layout import SELECTION_SCHEMA, RunDir, exists, open_output_atomic, write_parquet_atomic
-
-METHODS = ("s2l",)
+from .layout import (
+    SELECTION_SCHEMA,
+    RunDir,
+    exists,
+    open_output_atomic,
+    write_parquet_atomic,
+)
 
 
 class SelectionError(ValueError):
@@ -45,7 +50,7 @@ def resolve_budget(budget: float, n: int) -> int:
     if not budget > 0:
         raise SelectionError(f"budget must be a count >= 1 or a fraction in (0, 1), got {budget}")
     if budget < 1:
-        count = int(round(budget * n))
+        count = round(budget * n)
         if count < 1:
             raise SelectionError(f"budget fraction {budget} of {n} examples selects none")
     elif not float(budget).is_integer():
@@ -123,12 +128,15 @@ def jsonl(rows: pa.Table) -> bytes:
     return "".join(template.format(*values) for values in zip(*cols)).encode()
 
 
-def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarray, method: str,
-                     several: bool) -> None:
-    """One pass over the corpus: per budget, the selection Parquet and the selected rows as JSONL."""
+def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarray | None, method: str,
+                     several: bool, dest: RunDir) -> None:
+    """One pass over ``run``'s corpus: per budget, the selection Parquet and the selected rows as JSONL in ``dest``.
+
+    ``labels`` (cluster per row) is None for methods that use no clusters: the column is then null.
+    """
     parts: dict[int, list[pa.Table]] = {b: [] for b in picks}
     with contextlib.ExitStack() as stack:
-        out = {b: stack.enter_context(open_output_atomic(run.fs, run.selected_jsonl(b if several else None)))
+        out = {b: stack.enter_context(open_output_atomic(dest.fs, dest.selected_jsonl(b if several else None)))
                for b in picks}
         start = 0
         for path in run.corpus_files():
@@ -141,36 +149,63 @@ def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarr
                     rows = table.take(pa.array(pos - start))
                     out[b].write(jsonl(rows))
                     parts[b].append(pa.table({
-                        "id": rows.column("id"), "source": rows.column("source"), "cluster": labels[pos],
+                        "id": rows.column("id"), "source": rows.column("source"),
+                        "cluster": pa.nulls(len(pos), pa.int32()) if labels is None else labels[pos],
                         "method": pa.repeat(pa.scalar(method, pa.string()), len(pos)),
                         "budget": pa.array(np.full(len(pos), b, np.int64))}, schema=SELECTION_SCHEMA))
             start = end
     for b, tables in parts.items():
-        write_parquet_atomic(run.fs, run.selection(b if several else None), pa.concat_tables(tables))
+        write_parquet_atomic(dest.fs, dest.selection(b if several else None), pa.concat_tables(tables))
 
 
-def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig, seed: int) -> dict:
-    """Select every budget of ``select_cfg`` from ``clusters.parquet``; returns statistics for the manifest.
+def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfig,
+                  num_points: int | None) -> tuple[methods.Inputs, np.ndarray, list[str]]:
+    """What ``method`` needs, plus every row's source code and the source names (for the statistics)."""
+    if method.clusters:
+        labels, codes, names = read_clusters(run)
+        inputs = methods.Inputs(len(labels), labels, codes if cluster_cfg.per_source else None)
+    else:
+        codes, names = corpus_sources(run)
+        inputs = methods.Inputs(len(codes))
+    if method.score:
+        plan = trajectories.plan(run, cluster_cfg, num_points)
+        inputs.scores, _ = trajectories.features(plan, [method.score])
+    return inputs, codes, names
+
+
+def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig, seed: int, *,
+               num_points: int | None = None, dest: RunDir | None = None) -> dict:
+    """Select every budget of ``select_cfg`` with its method; returns statistics for the manifest.
 
     One budget writes ``selection.parquet`` and ``selected.jsonl``; several write
-    ``selection-<B>.parquet`` and ``selected-<B>.jsonl``. Each budget's draw uses its own
-    generator seeded with ``seed``, so it does not depend on the other budgets asked for.
+    ``selection-<B>.parquet`` and ``selected-<B>.jsonl``, into ``dest`` (default: ``run``). The
+    ``full`` method writes one selection of every row. Each budget's draw uses its own generator
+    seeded with ``seed``, so it does not depend on the other budgets asked for. ``num_points``
+    is the proxy's T, for methods that read trajectory scores.
     """
-    if select_cfg.method not in METHODS:
-        raise SelectionError(f"select.method {select_cfg.method!r} is not handled here; valid: {list(METHODS)}")
+    try:
+        method = methods.get(select_cfg.method)
+    except ValueError as e:
+        raise SelectionError(f"select.method: {e}") from None
     if not select_cfg.budgets:
         raise SelectionError("select.budgets is empty")
     start = time.time()
-    labels, codes, names = read_clusters(run)
-    budgets = [resolve_budget(b, len(labels)) for b in select_cfg.budgets]
+    inputs, codes, names = method_inputs(run, method, cluster_cfg, num_points)
+    n = inputs.n
+    budgets = [n] if method.full else [resolve_budget(b, n) for b in select_cfg.budgets]
     if len(set(budgets)) != len(budgets):
         raise SelectionError(f"select.budgets {select_cfg.budgets} resolve to repeated counts {budgets}")
-    picks = {b: s2l_select(labels, b, np.random.default_rng(seed), codes if cluster_cfg.per_source else None)
-             for b in budgets}
+    picks = {b: method.pick(inputs, b, np.random.default_rng(seed)) for b in budgets}
+    for b, p in picks.items():  # a method's contract, checked: b distinct rows, in corpus order
+        if len(p) != b or (len(p) and (p[0] < 0 or p[-1] >= n)) or (np.diff(p) <= 0).any():
+            raise SelectionError(f"method {method.name!r} returned {len(p)} positions for budget {b}, "
+                                 "not that many distinct sorted rows of the corpus")
     selected = time.time()
-    write_selections(run, picks, labels, select_cfg.method, several=len(budgets) > 1)
-    return {"method": select_cfg.method, "rows": len(labels), "per_source": cluster_cfg.per_source,
-            "budgets": {str(b): {"selected": len(p), "clusters": int(len(np.unique(labels[p]))),
+    write_selections(run, picks, inputs.labels, method.name, several=len(budgets) > 1, dest=dest or run)
+    labels = inputs.labels
+    return {"method": method.name, "rows": n, "per_source": bool(method.clusters and cluster_cfg.per_source),
+            "budgets": {str(b): {"selected": len(p),
+                                 "clusters": None if labels is None else len(np.unique(labels[p])),
                                  "sources": dict(zip(names, np.bincount(codes[p], minlength=len(names)).tolist()))}
                         for b, p in picks.items()},
             "timings": {"select": round(selected - start, 3), "write": round(time.time() - selected, 3)}}

@@ -180,8 +180,8 @@ def test_select_run_refuses_stale_clusters_and_bad_settings(tmp_path):
         sp.select_run(run, SelectConfig(budgets=[0.1, 60]), ClusterConfig(), seed=0)
     with pytest.raises(sp.SelectionError, match="larger than the corpus"):
         sp.select_run(run, SelectConfig(budgets=[601]), ClusterConfig(), seed=0)
-    with pytest.raises(sp.SelectionError, match="select.method 'random' is not handled here"):
-        sp.select_run(run, SelectConfig(method="random"), ClusterConfig(), seed=0)
+    with pytest.raises(sp.SelectionError, match="unknown selection method 'kcenter'"):
+        sp.select_run(run, SelectConfig(method="kcenter"), ClusterConfig(), seed=0)
 
 
 def test_clusters_then_selection_end_to_end(ray_local, tmp_path):
