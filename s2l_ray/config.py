@@ -192,6 +192,28 @@ class EvaluateConfig:
     text: TextConfig = field(default_factory=TextConfig)
 
 
+@dataclass
+class BenchmarkConfig:
+    """Selection methods side by side: one selection run (proxy, trajectories, clusters), then a
+    target fine-tuned and evaluated for every method, budget and seed.
+
+    ``selection``, ``finetune`` and ``evaluate`` are the stages' own configs; the benchmark sets
+    their outputs, data paths, method, budget and seed. With no ``selection.corpus.path`` the
+    demo mixture is built under ``<output>/data`` and its held-out split is the evaluation set.
+    """
+
+    output: str = "runs/benchmark"
+    methods: list[str] = field(default_factory=lambda: [
+        "s2l", "random", "perplexity-low", "perplexity-middle", "perplexity-high", "confidence",
+        "variability", "learnability"])
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.3])  # counts (>=1) or fractions (<1)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    full: bool = True  # also fine-tune on every example
+    selection: S2LConfig = field(default_factory=S2LConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):

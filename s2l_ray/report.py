@@ -1,4 +1,4 @@
-"""Summaries and plots: cluster-mean loss trajectories and cluster sizes, as ``report.png``."""
+"""Summaries and plots: cluster-mean trajectories and sizes (``report.png``); the benchmark's table and plot."""
 from __future__ import annotations
 
 import io
@@ -51,3 +51,68 @@ def write_report(run: RunDir, means: np.ndarray, sizes: np.ndarray, steps: list[
     """Write ``report.png`` into the run directory; returns its path."""
     write_bytes_atomic(run.fs, run.report, plot_clusters(means, sizes, steps))
     return run.report
+
+
+def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def benchmark_markdown(results: dict) -> str:
+    """The benchmark's tables: accuracy and loss per method and budget (mean ± std over seeds), per source, timings."""
+    rows = sorted(results["summary"], key=lambda r: (r["budget"], -r["accuracy"]))
+    sources = sorted(rows[0]["sources"]) if rows else []
+    n = results["rows"]
+    seeds = results["config"]["seeds"]
+    lines = [f"Corpus of {n} examples; budgets {results['budgets']}; seeds {seeds}. Accuracy: exact match on "
+             "the evaluation set, in %; loss: mean response loss; both mean ± std over seeds.", "",
+             "| method | budget | examples | accuracy | loss |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | {r['examples']} | "
+                     f"{_pm(r['accuracy'], r['accuracy_std'], 100)} | {_pm(r['loss'], r['loss_std'], digits=3)} |")
+    lines += ["", "Accuracy per source (%, mean over seeds):", "",
+              "| method | budget | " + " | ".join(sources) + " |", "|---|---:|" + "---:|" * len(sources)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | "
+                     + " | ".join(f"{100 * r['sources'][s]:.0f}" for s in sources) + " |")
+    stages = results["selection_stages"]
+    cells = results["cells"]
+    mean = {k: sum(c["seconds"][k] for c in cells) / max(1, len(cells)) for k in ("select", "finetune", "evaluate")}
+    lines += ["", "Wall time (s):", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| selection run: {k} | {v:.0f} |" for k, v in stages.items() if v is not None]
+    lines += [f"| method subsets, per method and seed (mean) | {mean['select']:.1f} |",
+              f"| fine-tune, per cell (mean of {len(cells)}) | {mean['finetune']:.0f} |",
+              f"| evaluate, per cell (mean) | {mean['evaluate']:.0f} |",
+              f"| whole benchmark (this run; reused work not counted) | {results['total_seconds']:.0f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_benchmark(rows: list[dict], n: int) -> bytes:
+    """PNG bytes: accuracy (left) and evaluation loss (right) against the budget, one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in sorted(by_method.items()):
+        rs = sorted(rs, key=lambda r: r["budget"])
+        x = [100 * r["budget"] / n for r in rs]
+        for ax, key, scale in ((axes[0], "accuracy", 100), (axes[1], "loss", 1)):
+            y = [scale * r[key] for r in rs]
+            err = [scale * r[f"{key}_std"] for r in rs]
+            if method == "full":
+                ax.axhline(y[0], color="black", ls="--", lw=1, label="full")
+                ax.axhspan(y[0] - err[0], y[0] + err[0], color="black", alpha=0.08)
+            else:
+                ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.5 if method == "s2l" else 1,
+                            label=method)
+    axes[0].set(xlabel="budget (% of the corpus)", ylabel="exact match (%)", title="accuracy (mean ± std over seeds)")
+    axes[1].set(xlabel="budget (% of the corpus)", ylabel="mean response loss", title="evaluation loss (lower is better)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()

@@ -1,0 +1,170 @@
+"""The quality benchmark: selection methods side by side on one corpus and one evaluation set.
+
+One selection run trains the proxy and records the trajectories once (and clusters them for
+S2L); every method then picks its subsets from that run, for every seed. A target is fine-tuned
+on each (method, budget, seed) subset and evaluated; ``full`` trains on everything. Everything
+lands under ``<output>/``::
+
+    data/                          the demo mixture (when no corpus is given)
+    selection/                     the selection run (pipeline.select)
+    selections/<method>/seed<s>/   selection[-<B>].parquet, selected[-<B>].jsonl
+    targets/<method>-<B>/seed<s>/  fine-tuning output, eval/metrics.json, cell.json
+    results.json, results.md, results.png
+
+Each finished cell (``cell.json``) is reused on rerun, as are the selection run's stages and
+the methods' subsets, so an interrupted benchmark continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import methods, pipeline
+from .config import BenchmarkConfig, ConfigError, SelectConfig, to_dict
+from .layout import RunDir
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """Check the grid; point every stage at the benchmark's folders and the evaluation set."""
+    from . import demo
+
+    for name in cfg.methods:
+        try:
+            if methods.get(name).full:
+                raise ConfigError(f"methods: {name!r} takes every example: use full: true")
+        except ValueError as e:
+            raise ConfigError(f"methods: {e}") from None
+    if not cfg.methods or not cfg.seeds or not cfg.budgets:
+        raise ConfigError("methods, seeds and budgets must each list at least one value")
+    if "://" in cfg.output:
+        raise ConfigError(f"output must be a local or shared-filesystem path, not {cfg.output!r}")
+    out = Path(cfg.output).resolve()
+    sel, ft, ev = cfg.selection, cfg.finetune, cfg.evaluate
+    if not sel.corpus.path:
+        paths = demo.build(sel.demo, str(out / "data"))
+        sel = replace(sel, corpus=replace(sel.corpus, path=paths["train"]),
+                      text=replace(sel.text, tokenizer=sel.text.tokenizer or paths["tokenizer"]))
+        ev = replace(ev, corpus=replace(ev.corpus, path=ev.corpus.path or paths["eval"]))
+    if not ev.corpus.path:
+        raise ConfigError("evaluate.corpus.path: a corpus is given, so give its held-out evaluation set too")
+    tokenizer = ft.text.tokenizer or (sel.text.tokenizer if not ft.model else "")
+    sel = replace(sel, output=str(out / "selection"), select=SelectConfig(method="s2l", budgets=list(cfg.budgets)))
+    ft = replace(ft, text=replace(ft.text, tokenizer=tokenizer))
+    ev = replace(ev, text=replace(ev.text, tokenizer=ev.text.tokenizer or tokenizer))
+    return replace(cfg, output=str(out), selection=sel, finetune=ft, evaluate=ev)
+
+
+def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[RunDir, dict]:
+    """The method's subsets for every budget (reused when already drawn with the same settings)."""
+    from .sampling import select_run
+
+    dest = RunDir(str(Path(cfg.output, "selections", method, f"seed{seed}")))
+    key = pipeline._key(run.read_manifest()["stages"], method, cfg.budgets, seed)
+    done = dest.read_manifest()
+    if done.get("key") == key:
+        return dest, done["selection"]
+    dest.ensure()
+    started = time.time()
+    stats = select_run(run, SelectConfig(method=method, budgets=list(cfg.budgets)), cfg.selection.cluster, seed,
+                       num_points=cfg.selection.proxy.num_points, dest=dest)
+    stats["seconds"] = round(time.time() - started, 2)
+    dest.update_manifest(key=key, selection=stats)
+    return dest, stats
+
+
+def cell(cfg: BenchmarkConfig, method: str, budget: int, seed: int, data: RunDir, several: bool,
+         select_seconds: float) -> dict:
+    """Fine-tune and evaluate one (method, budget, seed); reused when its cell.json exists."""
+    from . import evaluate, finetune
+
+    out = Path(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
+    done = _read(out / "cell.json")
+    if done is not None:
+        return done
+    log(f"{method}, {budget} examples, seed {seed}: fine-tuning")
+    ft = replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
+                 corpus=replace(cfg.finetune.corpus, path=data.uri))
+    summary = finetune.run(ft)
+    started = time.time()
+    metrics = evaluate.run(replace(cfg.evaluate, model=str(out), output=str(out / "eval")))
+    rec = {"method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
+           "accuracy": metrics["overall"]["accuracy"], "loss": metrics["overall"]["loss"],
+           "sources": {s: m["accuracy"] for s, m in metrics["sources"].items()},
+           "seconds": {"select": select_seconds, "finetune": summary["train_seconds"],
+                       "evaluate": round(time.time() - started, 2)}}
+    _write(out / "cell.json", rec)
+    log(f"{method}, {budget} examples, seed {seed}: accuracy {100 * rec['accuracy']:.1f}%, loss {rec['loss']:.4f}")
+    return rec
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each (method, budget)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["method"], c["budget"]), []).append(c)
+    rows = []
+    for (method, budget), cs in groups.items():
+        acc = np.array([c["accuracy"] for c in cs])
+        loss = np.array([c["loss"] for c in cs])
+        sources = sorted(cs[0]["sources"])
+        rows.append({"method": method, "budget": budget, "examples": cs[0]["examples"], "seeds": len(cs),
+                     "accuracy": float(acc.mean()), "accuracy_std": float(acc.std()),
+                     "loss": float(loss.mean()), "loss_std": float(loss.std()),
+                     "sources": {s: float(np.mean([c["sources"][s] for c in cs])) for s in sources},
+                     "seconds": {k: float(np.mean([c["seconds"][k] for c in cs])) for k in cs[0]["seconds"]}})
+    return rows
+
+
+def run(cfg: BenchmarkConfig) -> dict:
+    """The whole benchmark; returns what results.json holds."""
+    from .report import benchmark_markdown, plot_benchmark
+    from .sampling import resolve_budget
+
+    started = time.time()
+    cfg = prepare(cfg)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"selection run (proxy, trajectories, clusters) in {cfg.selection.output}")
+    manifest = pipeline.select(cfg.selection)
+    run_dir = RunDir(cfg.selection.output)
+    n = manifest["corpus"]["rows"]
+    budgets = [resolve_budget(b, n) for b in cfg.budgets]
+    several = len(budgets) > 1
+    cells = []
+    for method in cfg.methods + (["full"] if cfg.full else []):
+        for seed in cfg.seeds:
+            data, stats = subset(run_dir, cfg, method, seed)
+            chosen = [n] if method == "full" else budgets
+            for budget in chosen:
+                cells.append(cell(cfg, method, budget, seed, data, several and method != "full", stats["seconds"]))
+    rows = aggregate(cells)
+    stages = manifest["stages"]
+    results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": cells, "summary": rows,
+               "selection_stages": {k: v.get("seconds") for k, v in stages.items()},
+               "total_seconds": round(time.time() - started, 2)}
+    _write(out / "results.json", results)
+    (out / "results.md").write_text(benchmark_markdown(results))
+    (out / "results.png").write_bytes(plot_benchmark(rows, n))
+    log(f"done in {results['total_seconds']:.0f}s: {out / 'results.md'}, {out / 'results.png'}")
+    print((out / "results.md").read_text(), flush=True)
+    return results
+
