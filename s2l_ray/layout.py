@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -62,7 +63,16 @@ class LayoutError(RuntimeError):
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for a local path or URI."""
+    """A pyarrow filesystem and the path inside it for a local path or URI.
+
+    Every URI the project opens goes through here (``FileSystem.from_uri``). For ``s3://`` that
+    reads the standard AWS settings from the environment of the process: credentials
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile or an instance role), ``AWS_REGION``,
+    and an S3-compatible endpoint from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g.
+    ``http://minio:9000``; pyarrow 26 honours these in ``from_uri``, not in a bare
+    ``S3FileSystem()``). Set them wherever the driver and the Ray workers start. The returned
+    filesystem pickles its endpoint and region, not credentials from the environment.
+    """
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     import os
@@ -74,12 +84,33 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _temporary(path: str) -> str:
+    """The hidden name an atomic write uses before moving the file to ``path``."""
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
+def remove_temporaries(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Delete what atomic writes killed midway left under ``folder`` (their hidden temporaries); returns them.
+
+    No reader ever opens these names, so they are clutter rather than a risk; call this only
+    while nothing writes into ``folder``.
+    """
+    found = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File and _TEMPORARY.match(posixpath.basename(i.path))]
+    for path in found:
+        fs.delete_file(path)
+    return found
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a file so that readers see either the old or the whole new content."""
     parent = posixpath.dirname(path)
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        tmp = _temporary(path)
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)  # os.replace: atomic on one filesystem
@@ -97,9 +128,8 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> Non
 @contextlib.contextmanager
 def open_output_atomic(fs: pafs.FileSystem, path: str):
     """A stream for large outputs: written to a temporary name, moved to ``path`` only on success."""
-    parent = posixpath.dirname(path)
-    fs.create_dir(parent, recursive=True)
-    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = _temporary(path)
     try:
         with fs.open_output_stream(tmp) as f:
             yield f
@@ -199,6 +229,10 @@ class RunDir:
 
     def ensure(self) -> None:
         self.fs.create_dir(self.root, recursive=True)
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete the temporaries of atomic writes that an interrupted run left anywhere in the run directory."""
+        return remove_temporaries(self.fs, self.root)
 
     # manifest
     def read_manifest(self) -> dict:

@@ -111,6 +111,7 @@ def train_loop(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         print(f"[proxy] rank {rank}: resumed from step {step} (trajectory point {state['t']})", flush=True)
+    start_step = step  # where this attempt began: 0, or the checkpoint it resumed from
     model = ray.train.torch.prepare_model(model)
     inner = model.module if hasattr(model, "module") else model
     amp = torch.bfloat16 if resolve_bf16(config["precision"], device.type == "cuda") else None
@@ -144,7 +145,8 @@ def train_loop(config: dict) -> None:
             recent.append(loss.item())
             if step in points:
                 t = points[step]
-                metrics = {"t": t, "step": step, "epoch": epoch, "train_loss": float(np.mean(recent)),
+                metrics = {"t": t, "step": step, "start_step": start_step, "epoch": epoch,
+                           "train_loss": float(np.mean(recent)),
                            "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
                 recent = []
                 print(f"[proxy] point {t + 1}/{len(points)} at step {step}/{config['total_steps']} "
@@ -171,8 +173,17 @@ class ScoringCoordinator:
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def submit(self, t: int, step: int, checkpoint: Checkpoint) -> None:
-        self.run.mark_checkpoint(t, {"step": step, "path": checkpoint.path})
+    def submit(self, t: int, step: int, checkpoint: Checkpoint, start_step: int) -> None:
+        """A checkpoint training just persisted: record it in the checkpoint index, then score it.
+
+        ``start_step`` is the step the training attempt that made it began at (0, or the
+        checkpoint it resumed from after an interruption or a worker failure).
+        """
+        self.run.mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step})
+        self.score(t, step, checkpoint)
+
+    def score(self, t: int, step: int, checkpoint: Checkpoint) -> None:
+        """Queue an already recorded checkpoint for scoring."""
         self.queue.put((t, step, checkpoint))
 
     def _work(self) -> None:
@@ -205,7 +216,7 @@ def _trajectory_callback(coordinator):
         def after_report(self, run_context, metrics, checkpoint):
             if checkpoint is not None:
                 m = metrics[0]
-                ray.get(coordinator.submit.remote(int(m["t"]), int(m["step"]), checkpoint))
+                ray.get(coordinator.submit.remote(int(m["t"]), int(m["step"]), checkpoint, int(m["start_step"])))
 
     return TrajectoryCallback()
 
@@ -217,6 +228,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     from ray.train.torch import TorchTrainer
 
     plan = make_plan(n_rows, proxy)
+    run.remove_temporaries()  # an interrupted run's half-written files: never read, removed before new work
     done = run.done_points()
     ckpts = run.proxy_checkpoints()
     todo = [t for t in range(proxy.num_points) if t not in done]
@@ -228,7 +240,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
     for t in todo:  # persisted before an interruption, never scored
         if t in ckpts:
-            ray.get(coordinator.submit.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
+            ray.get(coordinator.score.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
     last = max(ckpts) if ckpts else None
     if last is None or last < proxy.num_points - 1:
         resume = Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None
@@ -248,7 +260,10 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
             scaling_config=ScalingConfig(num_workers=proxy.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=f"proxy-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=run.uri_of("proxy"),
+                # the run directory's own filesystem (the S3 endpoint included), so that checkpoints go
+                # where every other output goes; the path is then one inside it, without scheme
+                name=f"proxy-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=run.proxy_dir,
+                storage_filesystem=run.fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=max_failures),
                 callbacks=[_trajectory_callback(coordinator)]))

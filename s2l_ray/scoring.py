@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ScoringConfig
-from .layout import TRAJECTORY_SCHEMA, RunDir, exists, write_parquet_atomic
+from .layout import TRAJECTORY_SCHEMA, RunDir, exists, remove_temporaries, write_parquet_atomic
 from .text import IGNORE_INDEX, collate, length_buckets
 
 
@@ -138,6 +138,7 @@ def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringCo
         compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(parts))),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0).take_all()
     rows = sum(int(d["rows"]) for d in done)
+    remove_temporaries(run.fs, out_dir)  # left by an actor killed while writing a part; the retry rewrote it
     if sorted(int(d["part"]) for d in done) != parts or rows != expected_rows:
         raise RuntimeError(f"trajectory point {t}: scored {rows} rows in parts {sorted(d['part'] for d in done)}, "
                            f"expected {expected_rows} rows in {len(parts)} parts")

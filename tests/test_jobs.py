@@ -1,10 +1,12 @@
 """jobs/select.py end to end, submitted with `ray job submit` to a local Ray head started here."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -43,7 +45,8 @@ def ray_head(tmp_path):
 def test_select_job_submitted_to_a_ray_head(ray_head, demo_small, tmp_path):
     address, env = ray_head
     out = tmp_path / "run"
-    cmd = ["ray", "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+    job_id = f"s2l-test-{uuid.uuid4().hex[:8]}"
+    cmd = ["ray", "job", "submit", f"--address={address}", f"--submission-id={job_id}", f"--working-dir={REPO}", "--",
            "python", "jobs/select.py", "--data", demo_small["train"], "--output", str(out), "--budget", "12",
            "--clusters", "4", "--num-workers", "2", "--seed", "3",
            "--set", f"text.tokenizer={demo_small['tokenizer']}", "--set", "proxy.epochs=1",
@@ -53,10 +56,23 @@ def test_select_job_submitted_to_a_ray_head(ray_head, demo_small, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
-    # stage progress reaches `ray job logs`
-    for line in ("corpus: 60 rows", "proxy: 2 trajectory points", "point 1/2 at step", "clusters: 4 clusters",
-                 "budget 12: 12 examples", "next: python jobs/finetune.py"):
-        assert line in logs, f"{line!r} missing from the job's logs"
+    assert "next: python jobs/finetune.py" in logs  # `ray job submit` follows the job's output to its end
+    # what `ray job logs <id>` shows of the finished job: every stage's progress and the summary
+    stored = subprocess.run(["ray", "job", "logs", f"--address={address}", job_id], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    job_logs = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stored.stdout)  # colour and cursor codes
+    stamp = r"\[s2l \d\d:\d\d:\d\d\] "
+    for pattern in (stamp + "corpus: 60 rows, 3 sources", stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers",
+                    r"Started training worker group of size 2",  # Ray Train
+                    r"\(RayTrainWorker pid=\d+\) \[proxy\] point 1/2 at step 2/4 train_loss=",
+                    r"\(RayTrainWorker pid=\d+\) \[proxy\] point 2/2 at step 4/4",
+                    r"Dataset \S+ execution finished in",  # Ray Data
+                    r"\[scoring\] point 0: 60 rows scored", r"\[scoring\] point 1: 60 rows scored",
+                    stamp + "proxy: trajectories complete", stamp + "clusters: 4 clusters",
+                    stamp + "done", r"budget 12: 12 examples -> " + re.escape(str(out / "selected.jsonl")),
+                    r"next: python jobs/finetune.py --data " + re.escape(str(out))):
+        assert re.search(pattern, job_logs), f"{pattern!r} missing from `ray job logs {job_id}`"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["corpus"]["rows"] == 60 and manifest["clusters"]["k"] == 4
     sel = pq.read_table(out / "selection.parquet")
