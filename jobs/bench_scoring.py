@@ -5,6 +5,11 @@ method (tokenise one example, forward it with labels, read the loss); the pipeli
 ``scoring.score_point`` (length-bucketed batches in a Ray Data actor pool, stored token ids),
 timed end to end including Ray Data's start-up, and ``scoring.score_rows`` in-process.
 
+Scoring is compute-bound on a CPU, so the run also measures where the ceiling is: the matmul
+FLOPs that batched scoring does per example (counted by torch's FlopCounterMode on a sample)
+and this machine's fp32 matmul rate (a 2048 x 2048 product). Their quotient bounds the
+examples/s any exact fp32 scorer of this model can reach here, and so the ratio to the reference.
+
     python jobs/bench_scoring.py --rows 2000 --preset tiny
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray.train import Checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from s2l_ray import demo
 from s2l_ray.config import CorpusConfig, DemoConfig, ScoringConfig, TextConfig
@@ -26,6 +32,23 @@ from s2l_ray.corpus import store
 from s2l_ray.layout import RunDir
 from s2l_ray.models import build_model, load_tokenizer, save_model
 from s2l_ray.scoring import reference_losses, score_point, score_rows
+
+
+def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matmul throughput (FLOP/s) with torch's current threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def counted_flops(fn) -> int:
+    """Matmul FLOPs (mm, bmm, attention) that ``fn()`` runs, counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -76,11 +99,22 @@ def main() -> None:
     local_by_id = dict(zip((r["id"] for r in rows), local["loss"]))
     err = max(err, max(abs(local_by_id[r["id"]] - x) for r, x in zip(ref_rows, ref)))
 
+    sample = rows[:: max(1, n // 1000)][:1000]
+    with torch.no_grad():
+        flops = counted_flops(lambda: score_rows(model, [r["input_ids"] for r in sample], [r["n_prompt"] for r in sample],
+                                                 tok.pad_token_id, a.max_tokens, torch.device("cpu"))) / len(sample)
+    peak = matmul_rate()
+    ceiling = peak / flops
+
     print(f"reference, one example at a time : {ref_rate:9.1f} examples/s ({len(ref_rows)} examples)")
     print(f"score_rows in-process (batched)  : {local_rate:9.1f} examples/s  ratio {local_rate / ref_rate:6.1f}x")
     print(f"pipeline score_point (Ray Data)  : {pipe_rate:9.1f} examples/s  ratio {pipe_rate / ref_rate:6.1f}x "
           f"({a.actors} actors, start-up included)")
     print(f"max |loss difference| vs reference: {err:.2e}")
+    print(f"batched scoring: {flops / 1e6:.1f} MFLOP of matmul per example; this CPU's fp32 matmul rate "
+          f"{peak / 1e9:.1f} GFLOP/s; in-process scoring runs at {local_rate * flops / 1e9:.1f} GFLOP/s "
+          f"({100 * local_rate / ceiling:.0f}% of it)")
+    print(f"ceiling at that rate: {ceiling:9.1f} examples/s = {ceiling / ref_rate:.1f}x the reference")
 
 
 if __name__ == "__main__":

@@ -95,8 +95,7 @@ def response_losses(model: torch.nn.Module, tokenizer: Any, prompts: list[str], 
     enc = tokenize_batch(tokenizer, prompts, responses, template, max_length)
     b = collate(enc["input_ids"], enc["labels"], tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    loss, _, n = example_losses(model, b["input_ids"].to(device), b["labels"].to(device),
-                                b["attention_mask"].to(device))
+    loss, _, n = example_losses(model, b["input_ids"].to(device), b["labels"].to(device))
     return loss.float().cpu().numpy(), n.cpu().numpy()
 
 

@@ -27,30 +27,32 @@ from .text import IGNORE_INDEX, collate, length_buckets
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
 
 
-def _response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+def _response_logits(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits at the positions that predict response tokens only, ``[mask.sum(), vocab]``.
 
     The LM head and the softmax run on response positions alone (often a third of the
     tokens) when the model's forward is base model + linear head, as for GPT-NeoX and Llama.
+    No attention mask: rows are right-padded, so a real token only ever attends to real tokens
+    before it, and the model takes its faster unmasked causal attention path.
     """
     head = model.get_output_embeddings()
     if head is None or any(getattr(model.config, f, None) for f in _LOGIT_TRANSFORMS):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model(input_ids=input_ids).logits[:, :-1][mask]
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state
     return head(hidden[:, :-1][mask])
 
 
 @torch.inference_mode()
-def example_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def example_losses(model: torch.nn.Module, input_ids: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row mean response cross-entropy, mean gold-token probability and response-token count.
 
+    Rows must be right-padded (``text.collate``), padding labelled IGNORE_INDEX.
     Rows with no response token get NaN loss and confidence.
     """
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
-    ce = F.cross_entropy(_response_logits(model, input_ids, attention_mask, mask).float(), target[mask],
+    ce = F.cross_entropy(_response_logits(model, input_ids, mask).float(), target[mask],
                          reduction="none")
     row = mask.nonzero()[:, 0]
     n = mask.sum(1)
@@ -75,7 +77,7 @@ def score_rows(model: torch.nn.Module, input_ids: list, n_prompt: list[int], pad
         b = collate([input_ids[i] for i in bucket], [labels_from(input_ids[i], n_prompt[i]) for i in bucket], pad_id)
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            lo, co, nt = example_losses(model, b["input_ids"], b["labels"], b["attention_mask"])
+            lo, co, nt = example_losses(model, b["input_ids"], b["labels"])
         loss[bucket], conf[bucket], count[bucket] = lo.cpu().numpy(), co.cpu().numpy(), nt.cpu().numpy()
     return {"loss": loss, "confidence": conf, "n_tokens": count}
 

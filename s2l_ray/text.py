@@ -39,16 +39,16 @@ def tokenize_batch(tokenizer: Any, prompts: list[str], responses: list[str], tem
 
 def collate(input_ids: list, labels: list, pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence (or ``pad_to``); padded labels are -100, mask 0."""
-    n = len(input_ids)
-    width = max(len(x) for x in input_ids) if pad_to is None else pad_to
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    lab = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(input_ids, labels)):
-        ids[i, : len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
-        lab[i, : len(y)] = torch.as_tensor(np.asarray(y, dtype=np.int64))
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    width = int(lengths.max(initial=0)) if pad_to is None else pad_to
+    mask = np.arange(width) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    lab = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
+    if len(input_ids):
+        ids[mask] = np.concatenate([np.asarray(x, dtype=np.int64) for x in input_ids])
+        lab[mask] = np.concatenate([np.asarray(y, dtype=np.int64) for y in labels])
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(lab),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
 def length_buckets(lengths: np.ndarray | list[int], max_tokens: int) -> list[np.ndarray]:

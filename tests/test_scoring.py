@@ -40,13 +40,13 @@ def test_batched_loss_equals_loss_alone_padded_or_not(model, tok, rows):
     lengths = {len(x) for x in enc["input_ids"]}
     assert len(lengths) > 3, "rows must differ in length so that the batch is padded"
     b = collate(enc["input_ids"], enc["labels"], tok.pad_token_id)
-    loss, conf, n = example_losses(model, b["input_ids"], b["labels"], b["attention_mask"])
+    loss, conf, n = example_losses(model, b["input_ids"], b["labels"])
     expected = [alone(model, i, lab) for i, lab in zip(enc["input_ids"], enc["labels"])]
     np.testing.assert_allclose(loss.numpy(), expected, rtol=0, atol=1e-5)
     assert n.tolist() == enc["n_response"]
     # padding to a much longer width changes nothing
     wide = collate(enc["input_ids"], enc["labels"], tok.pad_token_id, pad_to=max(lengths) + 40)
-    loss2, _, _ = example_losses(model, wide["input_ids"], wide["labels"], wide["attention_mask"])
+    loss2, _, _ = example_losses(model, wide["input_ids"], wide["labels"])
     np.testing.assert_allclose(loss2.numpy(), expected, rtol=0, atol=1e-5)
     assert torch.all((conf > 0) & (conf < 1))
 
@@ -61,7 +61,7 @@ def test_only_response_tokens_count(model, tok, rows):
         logits = model(input_ids=torch.tensor([ids])).logits[0]
     manual = F.cross_entropy(logits[n_prompt - 1:-1], torch.tensor(ids[n_prompt:])).item()
     b = collate([ids], [labels], tok.pad_token_id)
-    loss, _, n = example_losses(model, b["input_ids"], b["labels"], b["attention_mask"])
+    loss, _, n = example_losses(model, b["input_ids"], b["labels"])
     assert loss.item() == pytest.approx(manual, abs=1e-5)
     assert n.item() == len(ids) - n_prompt
     # counting every token would give another value
@@ -90,3 +90,11 @@ def test_length_buckets(lengths, max_tokens):
     assert flat == list(range(len(lengths)))
     for b in buckets:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens
+
+
+def test_collate_right_pads_ids_labels_and_mask():
+    b = collate([[5, 6, 7], [8], []], [[-100, 6, 7], [8], []], pad_id=0, pad_to=4)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0], [0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7, -100], [8, -100, -100, -100], [-100] * 4]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert b["input_ids"].dtype == torch.long and collate([[1, 2]], [[1, 2]], 0)["input_ids"].shape == (1, 2)
