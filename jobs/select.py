@@ -14,6 +14,7 @@ import sys
 
 from s2l_ray import pipeline
 from s2l_ray.config import load_config, parse_sets
+from s2l_ray.methods import METHODS
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -24,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="corpus: JSONL/Parquet file, folder of shards, datasets dir, or URI")
     p.add_argument("--output", help="run directory (local path or URI such as s3://bucket/run)")
     p.add_argument("--budget", help="subset size: a count (3000) or a fraction (0.1); comma-separate several")
-    p.add_argument("--method", help="selection method (default s2l)")
+    p.add_argument("--method", choices=sorted(METHODS),
+                   help="selection method (default s2l); the others rank or sample from the same trajectories")
     p.add_argument("--seed", type=int)
     p.add_argument("--clusters", type=int, help="K for k-means")
     p.add_argument("--num-workers", type=int, help="Ray Train workers for the proxy")

@@ -104,6 +104,26 @@ def test_other_seed_refuses_stale_trajectories(proxy_run, demo_small):
         run_stages(config(demo_small, cfg.output, seed=cfg.seed + 1))
 
 
+def test_another_method_or_budget_rescores_nothing(proxy_run):
+    cfg, run, corpus, _ = proxy_run
+    before = {t: [os.path.getmtime(f) for f in rec["files"]] for t, rec in run.done_points().items()}
+    for method, budget in (("s2l", "0.25"), ("learnability", "0.25"), ("random", "0.5")):
+        manifest = pipeline.select(load_config(None, {**vars_of(cfg), "select.method": method,
+                                                      "select.budgets": budget, "cluster.k": 3}))
+        assert manifest["proxy"]["reused_points"] == list(range(T)) and not manifest["proxy"]["trained"]
+        sel = pq.read_table(run.selection())
+        assert set(sel.column("method").to_pylist()) == {method}
+        assert sel.num_rows == round(float(budget) * corpus["rows"])
+    assert {t: [os.path.getmtime(f) for f in rec["files"]] for t, rec in run.done_points().items()} == before
+
+
+def vars_of(cfg) -> dict:
+    return {"output": cfg.output, "corpus.path": cfg.corpus.path, "text.tokenizer": cfg.text.tokenizer,
+            "proxy.epochs": cfg.proxy.epochs, "proxy.batch_size": cfg.proxy.batch_size,
+            "proxy.num_points": cfg.proxy.num_points, "proxy.num_workers": cfg.proxy.num_workers,
+            "proxy.cpus_per_worker": cfg.proxy.cpus_per_worker, "proxy.lr": cfg.proxy.lr}
+
+
 def test_plan_spreads_points_evenly():
     from s2l_ray.config import ProxyConfig
 
