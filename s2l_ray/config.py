@@ -86,7 +86,6 @@ class ProxyConfig:
 class ScoringConfig:
     """The Ray Data batch-scoring job run at every trajectory point."""
 
-    rows_per_batch: int = 512  # rows handed to one actor call
     max_tokens: int = 8192  # padded tokens in one forward pass
     num_actors: int = 1
     cpus_per_actor: float = 0.5
