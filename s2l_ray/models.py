@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .config import ConfigError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig,
@@ -64,7 +65,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True,
             use_safetensors=any(p.glob("*.safetensors")) or None)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelError(f"{path}: cannot load weights ({e})") from None
 
 
