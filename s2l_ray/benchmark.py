@@ -97,8 +97,12 @@ def cell(cfg: BenchmarkConfig, method: str, budget: int, seed: int, data: RunDir
     from . import evaluate, finetune
 
     out = Path(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
+    key = pipeline._key(to_dict(cfg.finetune), to_dict(cfg.evaluate), data.read_manifest().get("key"))
     done = _read(out / "cell.json")
     if done is not None:
+        if done.get("key") != key:
+            raise ConfigError(f"{out} was fine-tuned or evaluated with another finetune/evaluate config or subset; "
+                              "use a new output folder")
         return done
     log(f"{method}, {budget} examples, seed {seed}: fine-tuning")
     ft = replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
@@ -106,7 +110,7 @@ def cell(cfg: BenchmarkConfig, method: str, budget: int, seed: int, data: RunDir
     summary = finetune.run(ft)
     started = time.time()
     metrics = evaluate.run(replace(cfg.evaluate, model=str(out), output=str(out / "eval")))
-    rec = {"method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
+    rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
            "accuracy": metrics["overall"]["accuracy"], "loss": metrics["overall"]["loss"],
            "sources": {s: m["accuracy"] for s, m in metrics["sources"].items()},
            "seconds": {"select": select_seconds, "finetune": summary["train_seconds"],

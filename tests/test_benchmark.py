@@ -49,6 +49,10 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = benchmark.run(cfg)  # every stage and cell reused: identical cells
     assert again["cells"] == results["cells"]
+    changed = tiny(tmp_path)
+    changed.finetune.epochs = 2
+    with pytest.raises(ConfigError, match="fine-tuned or evaluated with another finetune/evaluate config"):
+        benchmark.run(changed)  # stale cells are refused, not silently reused
 
 
 def test_benchmark_refuses_unknown_or_full_methods(tmp_path):
