@@ -131,5 +131,6 @@ def test_select_reads_and_writes_s3(s3, demo_small):
     # the Ray workers, not in the repo, not in Ray Train's default local storage
     assert list(work.iterdir()) == []
     assert not (REPO / "s3:").exists() and not (REPO / BUCKET).exists()
-    name = manifest["proxy"].get("trained") and next(iter(ckpts)).split("/")[1]
-    assert not (Path.home() / "ray_results" / name).exists()
+    assert manifest["proxy"]["trained"]
+    train_run = next(iter(ckpts)).split("/")[1]  # proxy-<time>-<pid>
+    assert not (Path.home() / "ray_results" / train_run).exists()
