@@ -119,7 +119,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], cfg.seed)
     run.update_manifest(proxy=stats)
     _finish(run, "proxy", key, started)
-    log(f"proxy: trajectories complete in {run.trajectories_dir} ({time.time() - started:.1f}s; "
+    log(f"proxy: trajectories complete in {run.uri_of('trajectories')} ({time.time() - started:.1f}s; "
         f"reused points {stats['reused_points']})")
     return stats
 
@@ -129,7 +129,7 @@ def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
 
     key = _key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(cfg.cluster), cfg.seed)
     if _stage(run, "clusters", key) is not None:
-        log(f"clusters: reusing {run.clusters}")
+        log(f"clusters: reusing {run.uri_of('clusters.parquet')}")
         return run.read_manifest()["clusters"]
     started = time.time()
     stats = cluster_run(run, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
