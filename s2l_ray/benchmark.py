@@ -78,7 +78,8 @@ def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[R
     from .sampling import select_run
 
     dest = RunDir(str(Path(cfg.output, "selections", method, f"seed{seed}")))
-    key = pipeline._key(run.read_manifest()["stages"], method, cfg.budgets, seed)
+    stages = run.read_manifest()["stages"]  # what the subset depends on: the trajectories and clusters made
+    key = pipeline._key({k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}, method, cfg.budgets, seed)
     done = dest.read_manifest()
     if done.get("key") == key:
         return dest, done["selection"]

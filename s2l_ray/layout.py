@@ -238,11 +238,11 @@ class RunDir:
     def read_manifest(self) -> dict:
         return read_json(self.fs, self.manifest, default={})
 
-    def update_manifest(self, **fields: Any) -> dict:
-        """Merge top-level ``fields`` into manifest.json (dict values are merged one level deep)."""
+    def update_manifest(self, *, merge: bool = True, **fields: Any) -> dict:
+        """Set top-level ``fields`` of manifest.json; with ``merge``, dict values are merged one level deep."""
         m = self.read_manifest()
         for k, v in fields.items():
-            if isinstance(v, dict) and isinstance(m.get(k), dict):
+            if merge and isinstance(v, dict) and isinstance(m.get(k), dict):
                 m[k] = {**m[k], **v}
             else:
                 m[k] = v

@@ -117,7 +117,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
         f"{cfg.proxy.num_workers} workers")
     started = time.time()
     stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], cfg.seed)
-    run.update_manifest(proxy=stats)
+    run.update_manifest(proxy=stats, merge=False)  # this run's statistics only, none left from an earlier one
     _finish(run, "proxy", key, started)
     log(f"proxy: trajectories complete in {run.uri_of('trajectories')} ({time.time() - started:.1f}s; "
         f"reused points {stats['reused_points']})")
@@ -133,7 +133,7 @@ def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
         return run.read_manifest()["clusters"]
     started = time.time()
     stats = cluster_run(run, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
-    run.update_manifest(clusters=stats)
+    run.update_manifest(clusters=stats, merge=False)
     _finish(run, "clusters", key, started)
     sizes = sorted(stats["cluster_sizes"])
     log(f"clusters: {stats['k']} clusters ({stats['backend']}), sizes {sizes[0]}..{sizes[-1]}, "
@@ -146,7 +146,7 @@ def run_select(run: RunDir, cfg: S2LConfig) -> dict:
 
     started = time.time()
     stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
-    run.update_manifest(selection=stats)
+    run.update_manifest(selection=stats, merge=False)
     _finish(run, "selection", _key(to_dict(cfg.select), cfg.seed), started)
     log(f"selection: {cfg.select.method}, budgets {', '.join(stats['budgets'])} ({time.time() - started:.1f}s)")
     return stats

@@ -12,7 +12,7 @@ from s2l_ray.config import BenchmarkConfig, ConfigError, load_config
 def tiny(tmp_path) -> BenchmarkConfig:
     return load_config(None, {
         "output": str(tmp_path / "bench"), "methods": "s2l", "budgets": "0.25", "seeds": "0,1",
-        "full": "true",
+        "full": "false",
         "selection.demo.sources": "gcd,basic_arithmetic", "selection.demo.train_per_source": 16,
         "selection.demo.eval_per_source": 3, "selection.demo.vocab_size": 300,
         "selection.text.max_length": 96, "selection.proxy.epochs": 1, "selection.proxy.batch_size": 4,
@@ -31,7 +31,7 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     n = results["rows"]
     assert n == 32 and results["budgets"] == [8]
     cells = {(c["method"], c["budget"], c["seed"]) for c in results["cells"]}
-    assert cells == {("s2l", 8, 0), ("s2l", 8, 1), ("full", 32, 0), ("full", 32, 1)}
+    assert cells == {("s2l", 8, 0), ("s2l", 8, 1)}
     for c in results["cells"]:
         assert c["examples"] == c["budget"] and 0.0 <= c["accuracy"] <= 1.0 and c["loss"] > 0
         assert set(c["sources"]) == {"gcd", "basic_arithmetic"}
@@ -45,7 +45,7 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     sel = tmp_path / "bench" / "selections"
     assert (sel / "s2l" / "seed0" / "selected.jsonl").read_text() != (sel / "s2l" / "seed1" / "selected.jsonl").read_text()
     md = (tmp_path / "bench" / "results.md").read_text()
-    assert "| s2l | 25% | 8 |" in md and "| full | 100% | 32 |" in md and "fine-tune, per cell" in md
+    assert "| s2l | 25% | 8 |" in md and "fine-tune, per cell" in md
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = benchmark.run(cfg)  # every stage and cell reused: identical cells
     assert again["cells"] == results["cells"]

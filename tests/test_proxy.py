@@ -111,6 +111,7 @@ def test_another_method_or_budget_rescores_nothing(proxy_run):
         manifest = pipeline.select(load_config(None, {**vars_of(cfg), "select.method": method,
                                                       "select.budgets": budget, "cluster.k": 3}))
         assert manifest["proxy"]["reused_points"] == list(range(T)) and not manifest["proxy"]["trained"]
+        assert "scored" not in manifest["proxy"]  # nothing left from the run that trained and scored
         sel = pq.read_table(run.selection())
         assert set(sel.column("method").to_pylist()) == {method}
         assert sel.num_rows == round(float(budget) * corpus["rows"])
