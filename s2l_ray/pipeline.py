@@ -117,6 +117,10 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
         f"{cfg.proxy.num_workers} workers")
     started = time.time()
     stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], cfg.seed)
+    if not stats["trained"] and not stats.get("scored"):  # all reused: the record of how they were made stays
+        log(f"proxy: reusing the {len(stats['reused_points'])} finished trajectory points in "
+            f"{run.uri_of('trajectories')}")
+        return stats
     run.update_manifest(proxy=stats, merge=False)  # this run's statistics only, none left from an earlier one
     _finish(run, "proxy", key, started)
     log(f"proxy: trajectories complete in {run.uri_of('trajectories')} ({time.time() - started:.1f}s; "
