@@ -119,6 +119,23 @@ def test_another_method_or_budget_rescores_nothing(proxy_run):
     assert {t: [os.path.getmtime(f) for f in rec["files"]] for t, rec in run.done_points().items()} == before
 
 
+def test_same_seed_same_trajectories_and_selection(proxy_run, demo_small, tmp_path):
+    """A second, independent proxy run with the same seed and inputs: identical losses, identical selection."""
+    cfg, run, _, _ = proxy_run
+    overrides = {"select.budgets": "0.25", "cluster.k": 3}
+    first = pipeline.select(load_config(None, {**vars_of(cfg), **overrides}))
+    again = pipeline.select(load_config(None, {**vars_of(cfg), "output": str(tmp_path / "again"), **overrides}))
+    assert again["proxy"]["trained"] and again["corpus"]["fingerprint"] == first["corpus"]["fingerprint"]
+    other = RunDir(str(tmp_path / "again"))
+    for t in range(T):
+        a = pq.read_table(run.done_points()[t]["files"], partitioning=None)
+        b = pq.read_table(other.done_points()[t]["files"], partitioning=None)
+        assert a.column("loss").equals(b.column("loss")) and a.column("id").equals(b.column("id"))
+    ids = [pq.read_table(r.selection()).column("id") for r in (run, other)]
+    assert ids[0].equals(ids[1])
+    assert open(run.selected_jsonl(), "rb").read() == open(other.selected_jsonl(), "rb").read()
+
+
 def vars_of(cfg) -> dict:
     return {"output": cfg.output, "corpus.path": cfg.corpus.path, "text.tokenizer": cfg.text.tokenizer,
             "proxy.epochs": cfg.proxy.epochs, "proxy.batch_size": cfg.proxy.batch_size,
