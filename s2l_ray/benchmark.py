@@ -17,16 +17,16 @@ the methods' subsets, so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from pyarrow.fs import LocalFileSystem
 
 from . import methods, pipeline
 from .config import BenchmarkConfig, ConfigError, SelectConfig, to_dict
-from .layout import RunDir
+from .layout import RunDir, write_json_atomic
 
 
 def log(msg: str) -> None:
@@ -38,9 +38,7 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(LocalFileSystem(), str(path), obj)
 
 
 def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
