@@ -112,6 +112,7 @@ def cell(cfg: BenchmarkConfig, method: str, budget: int, seed: int, data: RunDir
     rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
            "accuracy": metrics["overall"]["accuracy"], "loss": metrics["overall"]["loss"],
            "sources": {s: m["accuracy"] for s, m in metrics["sources"].items()},
+           "source_loss": {s: m["loss"] for s, m in metrics["sources"].items()},
            "seconds": {"select": select_seconds, "finetune": summary["train_seconds"],
                        "evaluate": round(time.time() - started, 2)}}
     _write(out / "cell.json", rec)
@@ -133,6 +134,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
                      "accuracy": float(acc.mean()), "accuracy_std": float(acc.std()),
                      "loss": float(loss.mean()), "loss_std": float(loss.std()),
                      "sources": {s: float(np.mean([c["sources"][s] for c in cs])) for s in sources},
+                     "source_loss": {s: float(np.mean([c["source_loss"][s] for c in cs])) for s in sources},
                      "seconds": {k: float(np.mean([c["seconds"][k] for c in cs])) for k in cs[0]["seconds"]}})
     return rows
 

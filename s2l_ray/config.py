@@ -48,6 +48,7 @@ class DemoConfig:
         "decimal_arithmetic",
     ])
     train_per_source: int = 200
+    train_sizes: list[int] = field(default_factory=list)  # per source, aligned with sources; empty: train_per_source
     eval_per_source: int = 25
     seed: int = 1234
     vocab_size: int = 2048

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import DemoConfig
+from .config import ConfigError, DemoConfig
 
 DEMO_ROOT = "runs/demo-data"  # where the jobs build the demo corpus and tokenizer by default
 EVAL_SEED_OFFSET = 10_000_000
@@ -39,11 +39,15 @@ def _items(name: str, size: int, seed: int) -> list[dict]:
 
 def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     """Train and evaluation rows; the same config always gives the same rows."""
+    sizes = cfg.train_sizes or [cfg.train_per_source] * len(cfg.sources)
+    if len(sizes) != len(cfg.sources) or min(sizes, default=1) < 1:
+        raise ConfigError(f"demo.train_sizes: give one count >= 1 per source ({len(cfg.sources)} sources: "
+                          f"{cfg.sources}), got {cfg.train_sizes}")
     train, evaluation = [], []
-    for k, name in enumerate(cfg.sources):
+    for k, (name, size) in enumerate(zip(cfg.sources, sizes)):
         seed = cfg.seed + k * SOURCE_SEED_STRIDE
         seen: set[str] = set()
-        for row in _items(name, cfg.train_per_source, seed):
+        for row in _items(name, size, seed):
             if row["prompt"] not in seen:  # small generators repeat themselves
                 seen.add(row["prompt"])
                 train.append(row)

@@ -1,13 +1,15 @@
 """Selection methods: each picks ``budget`` corpus rows from what the selection run already holds.
 
 A method is one function ``pick(inputs, budget, rng) -> sorted positions`` registered under its
-name with what it needs: the clusters (``s2l``), a per-example trajectory score from
-``trajectories.FEATURES``, or nothing. Adding a method is adding one such function here;
+name with what it needs: the clusters (``s2l``), the sources, a per-example trajectory score
+from ``trajectories.FEATURES``, or nothing. Adding a method is adding one such function here;
 choosing another method or budget re-scores nothing. Rankings break ties by corpus order.
 
 =====================  ==========================================================================
 ``s2l``                Algorithm 1 over the trajectory clusters (``sampling.s2l_select``)
 ``random``             uniformly at random
+``random-per-source``  the budget split over sources as S2L's per-source option does (smallest
+                       source first), uniformly at random within each: S2L without the clusters
 ``full``               every example (the budget is ignored)
 ``perplexity-low``     the lowest loss at the last trajectory point
 ``perplexity-middle``  the middle of the ranking by that loss
@@ -31,7 +33,7 @@ class Inputs:
 
     n: int
     labels: np.ndarray | None = None  # cluster id per row (methods that need clusters)
-    sources: np.ndarray | None = None  # source code per row when selection is stratified by source
+    sources: np.ndarray | None = None  # source code per row, for stratified methods (and per-source s2l)
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # trajectories.FEATURES values
 
 
@@ -40,6 +42,7 @@ class Method:
     name: str
     pick: Callable[[Inputs, int, np.random.Generator], np.ndarray]
     clusters: bool = False  # needs ``Inputs.labels``
+    sources: bool = False  # needs ``Inputs.sources``
     score: str | None = None  # the trajectories.FEATURES entry it ranks by
     full: bool = False  # takes every row whatever the budget
 
@@ -47,10 +50,11 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, *, clusters: bool = False, score: str | None = None, full: bool = False):
+def method(name: str, *, clusters: bool = False, sources: bool = False, score: str | None = None,
+           full: bool = False):
     """Register ``pick`` as method ``name``."""
     def register(pick):
-        METHODS[name] = Method(name, pick, clusters, score, full)
+        METHODS[name] = Method(name, pick, clusters, sources, score, full)
         return pick
     return register
 
@@ -84,6 +88,13 @@ def s2l(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
 @method("random")
 def random(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(inputs.n, budget, replace=False))
+
+
+@method("random-per-source", sources=True)
+def random_per_source(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
+    from .sampling import s2l_select
+
+    return s2l_select(np.zeros(inputs.n, np.int64), budget, rng, inputs.sources)  # one cluster per source
 
 
 @method("full", full=True)

@@ -74,6 +74,11 @@ def benchmark_markdown(results: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | "
                      + " | ".join(f"{100 * r['sources'][s]:.0f}" for s in sources) + " |")
+    lines += ["", "Response loss per source (mean over seeds):", "",
+              "| method | budget | " + " | ".join(sources) + " |", "|---|---:|" + "---:|" * len(sources)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | "
+                     + " | ".join(f"{r['source_loss'][s]:.2f}" for s in sources) + " |")
     stages = results["selection_stages"]
     cells = results["cells"]
     mean = {k: sum(c["seconds"][k] for c in cells) / max(1, len(cells)) for k in ("select", "finetune", "evaluate")}

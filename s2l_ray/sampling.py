@@ -166,7 +166,7 @@ def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfi
         inputs = methods.Inputs(len(labels), labels, codes if cluster_cfg.per_source else None)
     else:
         codes, names = corpus_sources(run)
-        inputs = methods.Inputs(len(codes))
+        inputs = methods.Inputs(len(codes), sources=codes if method.sources else None)
     if method.score:
         plan = trajectories.plan(run, cluster_cfg, num_points)
         inputs.scores, _ = trajectories.features(plan, [method.score])

@@ -38,6 +38,7 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
         metrics = json.loads((tmp_path / "bench" / "targets" / f"{c['method']}-{c['budget']}" / f"seed{c['seed']}"
                               / "eval" / "metrics.json").read_text())
         assert metrics["overall"]["accuracy"] == c["accuracy"] and metrics["rows"] == 6
+        assert c["source_loss"] == {s: m["loss"] for s, m in metrics["sources"].items()}
     rows = {(r["method"], r["budget"]): r for r in results["summary"]}
     s2l = [c for c in results["cells"] if c["method"] == "s2l"]
     assert rows[("s2l", 8)]["seeds"] == 2
@@ -45,7 +46,7 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     sel = tmp_path / "bench" / "selections"
     assert (sel / "s2l" / "seed0" / "selected.jsonl").read_text() != (sel / "s2l" / "seed1" / "selected.jsonl").read_text()
     md = (tmp_path / "bench" / "results.md").read_text()
-    assert "| s2l | 25% | 8 |" in md and "fine-tune, per cell" in md
+    assert "| s2l | 25% | 8 |" in md and "fine-tune, per cell" in md and "Response loss per source" in md
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = benchmark.run(cfg)  # every stage and cell reused: identical cells
     assert again["cells"] == results["cells"]

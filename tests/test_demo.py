@@ -22,3 +22,19 @@ def test_build_writes_a_tokenizer_that_reloads_from_its_dir(demo_small):
     text = "What is 12 + 30?\n#### 42"
     assert tok.decode(tok(text)["input_ids"]) == text
     assert tok.eos_token_id is not None and tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+
+
+def test_skewed_mixture_sizes_per_source_and_bad_sizes_refused():
+    from collections import Counter
+
+    import pytest
+
+    from s2l_ray.config import ConfigError
+
+    cfg = DemoConfig(sources=["lcm", "chain_sum", "basic_arithmetic"], train_sizes=[3, 9, 27], eval_per_source=2)
+    train, ev = demo.generate(cfg)
+    assert Counter(r["source"] for r in train) == {"lcm": 3, "chain_sum": 9, "basic_arithmetic": 27}
+    assert Counter(r["source"] for r in ev) == {"lcm": 2, "chain_sum": 2, "basic_arithmetic": 2}
+    for sizes in ([3, 9], [3, 0, 9]):
+        with pytest.raises(ConfigError, match="demo.train_sizes: give one count >= 1 per source"):
+            demo.generate(DemoConfig(sources=cfg.sources, train_sizes=sizes))

@@ -39,14 +39,14 @@ EXPECTED_3 = {
 }
 
 
-def hand_made_run(root) -> RunDir:
+def hand_made_run(root, sources=("s",) * len(LOSS)) -> RunDir:
     """The table above as a run directory: a corpus in 2 parts and 3 done trajectory points."""
     run = RunDir(str(root))
     n, ids = len(LOSS), [f"ex{i}" for i in range(len(LOSS))]
     files = []
     for c, part in enumerate((np.arange(0, 5), np.arange(5, n))):
         write_parquet_atomic(run.fs, run.corpus_part(c), pa.table({
-            "idx": pa.array(part, pa.int64()), "id": [ids[i] for i in part], "source": ["s"] * len(part),
+            "idx": pa.array(part, pa.int64()), "id": [ids[i] for i in part], "source": [sources[i] for i in part],
             "prompt": [f"q{i}" for i in part], "response": [f"a{i}" for i in part]}))
         files.append(run.corpus_part(c).rsplit("/", 1)[-1])
     run.update_manifest(corpus={"files": files, "rows": n, "fingerprint": "fp"})
@@ -123,3 +123,21 @@ def test_a_method_breaking_its_contract_is_an_error(tmp_path):
             selected(run, "broken")
     finally:
         del methods.METHODS["broken"]
+
+
+def test_random_per_source_splits_the_budget_like_algorithm_1_then_draws_uniformly(tmp_path):
+    # sources a: 2 rows, b: 5, c: 10; budget 9, smallest source first: a min(2, 9 // 3) = 2,
+    # b min(5, 7 // 2) = 3, c what is left, 4
+    codes = np.array([2] * 10 + [1] * 5 + [0] * 2)
+    inputs = methods.Inputs(len(codes), sources=codes)
+    counts = np.zeros(len(codes), np.int64)
+    for seed in range(300):
+        pos = methods.random_per_source(inputs, 9, np.random.default_rng(seed))
+        assert np.bincount(codes[pos], minlength=3).tolist() == [2, 3, 4] and (np.diff(pos) > 0).all()
+        counts[pos] += 1
+    assert (counts[15:] == 300).all()  # source a taken whole
+    assert 140 < counts[10:15].min() and counts[10:15].max() < 220  # 3 of 5: mean 180
+    assert 80 < counts[:10].min() and counts[:10].max() < 160  # 4 of 10: mean 120
+    run = hand_made_run(tmp_path, sources="aabbbbbb")  # through select_run: 4 rows, 2 per source
+    picked = selected(run, "random-per-source", budgets=(4,), seed=3)
+    assert len([i for i in picked if i < 2]) == 2 and len(picked) == 4
