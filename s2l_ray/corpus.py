@@ -261,8 +261,8 @@ def input_fingerprint(cfg: CorpusConfig) -> str:
 def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 8192) -> dict:
     """Read, normalise and validate the corpus into ``<run>/corpus/``; returns its statistics.
 
-    Rows are numbered (``idx``) in input order, deterministically, and stored in parts of about
-    ``part_rows`` rows: the unit of parallel scoring. Nothing is recorded in the
+    Rows are numbered (``idx``) in input order, deterministically, and stored in parts of
+    ``part_rows`` rows (the last one shorter): the unit of parallel scoring. Nothing is recorded in the
     manifest unless the whole corpus is valid, and the part files of a failed attempt are removed.
     """
     from .layout import exists, write_parquet_atomic
@@ -276,26 +276,27 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     clear()
     files: list[str] = []
     pending: list[pa.Table] = []
-    n = 0
+    n = 0  # rows written
 
-    def flush() -> None:
-        nonlocal pending
-        if not pending:
-            return
-        t = pa.concat_tables(pending)
-        t = t.add_column(0, "idx", pa.array(np.arange(n - t.num_rows, n, dtype=np.int64)))
+    def write(t: pa.Table) -> None:
+        nonlocal n
+        t = t.add_column(0, "idx", pa.array(np.arange(n, n + t.num_rows, dtype=np.int64)))
         path = run.corpus_part(len(files))
         write_parquet_atomic(run.fs, path, t.select(STORED_SCHEMA.names).cast(STORED_SCHEMA))
         files.append(posixpath.basename(path))
-        pending = []
+        n += t.num_rows
 
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # blocks of any size
             pending.append(batch)
-            n += batch.num_rows
             if sum(b.num_rows for b in pending) >= part_rows:
-                flush()
-        flush()
+                t = pa.concat_tables(pending)
+                whole = t.num_rows - t.num_rows % part_rows
+                for start in range(0, whole, part_rows):
+                    write(t.slice(start, part_rows))
+                pending = [t.slice(whole)] if whole < t.num_rows else []
+        if pending:
+            write(pa.concat_tables(pending))
         table = pq.read_table([run.corpus_part(i) for i in range(len(files))], filesystem=run.fs,
                               columns=["id", "source", "row_hash", "n_tokens", "n_response", "truncated"]) \
             if files else pa.table({c: pa.array([], STORED_SCHEMA.field(c).type) for c in

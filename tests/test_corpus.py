@@ -130,3 +130,15 @@ def test_missing_path_and_unknown_format(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="holds no"):
         discover(CorpusConfig(path=str(tmp_path / "empty")))
+
+
+def test_one_large_file_is_stored_in_parts_of_part_rows(tmp_path, demo_small):
+    rows = [{"id": f"r{i}", "source": "math", "prompt": f"What is {i}+1?", "response": f"#### {i + 1}"}
+            for i in range(50)]
+    run = RunDir(str(tmp_path / "run"))
+    stats = store(run, CorpusConfig(path=str(write_jsonl(tmp_path / "big.jsonl", rows))), TextConfig(),
+                  demo_small["tokenizer"], part_rows=16)
+    parts = [pq.read_table(run.corpus_part(i)) for i in range(len(stats["files"]))]
+    assert [p.num_rows for p in parts] == [16, 16, 16, 2]  # scored in parallel, part by part
+    table = pa.concat_tables(parts)
+    assert table.column("idx").to_pylist() == list(range(50)) and as_rows(table) == rows
