@@ -203,7 +203,7 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
     selected = time.time()
     write_selections(run, picks, inputs.labels, method.name, several=len(budgets) > 1, dest=dest or run)
     labels = inputs.labels
-    return {"method": method.name, "rows": n, "per_source": bool(method.clusters and cluster_cfg.per_source),
+    return {"method": method.name, "rows": n, "per_source": inputs.sources is not None,
             "budgets": {str(b): {"selected": len(p),
                                  "clusters": None if labels is None else len(np.unique(labels[p])),
                                  "sources": dict(zip(names, np.bincount(codes[p], minlength=len(names)).tolist()))}

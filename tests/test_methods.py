@@ -141,3 +141,5 @@ def test_random_per_source_splits_the_budget_like_algorithm_1_then_draws_uniform
     run = hand_made_run(tmp_path, sources="aabbbbbb")  # through select_run: 4 rows, 2 per source
     picked = selected(run, "random-per-source", budgets=(4,), seed=3)
     assert len([i for i in picked if i < 2]) == 2 and len(picked) == 4
+    stats = sp.select_run(run, SelectConfig(method="random-per-source", budgets=[4]), ClusterConfig(), seed=3)
+    assert stats["per_source"] and stats["budgets"]["4"]["sources"] == {"a": 2, "b": 2}
