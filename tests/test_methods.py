@@ -39,10 +39,11 @@ EXPECTED_3 = {
 }
 
 
-def hand_made_run(root, sources=("s",) * len(LOSS)) -> RunDir:
-    """The table above as a run directory: a corpus in 2 parts and 3 done trajectory points."""
+def hand_made_run(root, sources: str = "") -> RunDir:
+    """The table above as a run directory: a corpus in 2 parts and 3 done trajectory points (one source "s")."""
     run = RunDir(str(root))
     n, ids = len(LOSS), [f"ex{i}" for i in range(len(LOSS))]
+    sources = sources or "s" * n
     files = []
     for c, part in enumerate((np.arange(0, 5), np.arange(5, n))):
         write_parquet_atomic(run.fs, run.corpus_part(c), pa.table({
