@@ -69,16 +69,12 @@ def benchmark_markdown(results: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | {r['examples']} | "
                      f"{_pm(r['accuracy'], r['accuracy_std'], 100)} | {_pm(r['loss'], r['loss_std'], digits=3)} |")
-    lines += ["", "Accuracy per source (%, mean over seeds):", "",
-              "| method | budget | " + " | ".join(sources) + " |", "|---|---:|" + "---:|" * len(sources)]
-    for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | "
-                     + " | ".join(f"{100 * r['sources'][s]:.0f}" for s in sources) + " |")
-    lines += ["", "Response loss per source (mean over seeds):", "",
-              "| method | budget | " + " | ".join(sources) + " |", "|---|---:|" + "---:|" * len(sources)]
-    for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | "
-                     + " | ".join(f"{r['source_loss'][s]:.2f}" for s in sources) + " |")
+    for title, key, fmt in (("Accuracy per source (%, mean over seeds):", "sources", lambda v: f"{100 * v:.0f}"),
+                            ("Response loss per source (mean over seeds):", "source_loss", lambda v: f"{v:.2f}")):
+        lines += ["", title, "", "| method | budget | " + " | ".join(sources) + " |",
+                  "|---|---:|" + "---:|" * len(sources)]
+        lines += [f"| {r['method']} | {100 * r['budget'] / n:.0f}% | " + " | ".join(fmt(r[key][s]) for s in sources)
+                  + " |" for r in rows]
     stages = results["selection_stages"]
     cells = results["cells"]
     mean = {k: sum(c["seconds"][k] for c in cells) / max(1, len(cells)) for k in ("select", "finetune", "evaluate")}
