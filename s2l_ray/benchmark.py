@@ -2,17 +2,21 @@
 
 One selection run trains the proxy and records the trajectories once (and clusters them for
 S2L); every method then picks its subsets from that run, for every seed. A target is fine-tuned
-on each (method, budget, seed) subset and evaluated; ``full`` trains on everything. Everything
-lands under ``<output>/``::
+on each (method, budget, seed) subset and evaluated; ``full`` trains on everything. A method's
+targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_many``) and
+evaluated in one pass, so the start-up of a worker group is paid once per method, not per
+target. Everything lands under ``<output>/``::
 
     data/                          the demo mixture (when no corpus is given)
     selection/                     the selection run (pipeline.select)
     selections/<method>/seed<s>/   selection[-<B>].parquet, selected[-<B>].jsonl
     targets/<method>-<B>/seed<s>/  fine-tuning output, eval/metrics.json, cell.json
+    sweeps/<method>/               Ray Train's record of the method's sweep
     results.json, results.md, results.png
 
-Each finished cell (``cell.json``) is reused on rerun, as are the selection run's stages and
-the methods' subsets, so an interrupted benchmark continues where it stopped.
+Each finished cell (``cell.json``) and each fine-tuned model is reused on rerun, as are the
+selection run's stages and the methods' subsets, so an interrupted benchmark continues where
+it stopped.
 """
 from __future__ import annotations
 
@@ -90,34 +94,48 @@ def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[R
     return dest, stats
 
 
-def cell(cfg: BenchmarkConfig, method: str, budget: int, seed: int, data: RunDir, several: bool,
-         select_seconds: float) -> dict:
-    """Fine-tune and evaluate one (method, budget, seed); reused when its cell.json exists."""
+def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, dict]], several: bool) -> list[dict]:
+    """Fine-tune and evaluate one method's (budget, seed) cells, ``(budget, seed, subset, stats)``.
+
+    The unfinished cells are fine-tuned in one sweep (one worker group) and evaluated in one
+    pass; a finished cell (its ``cell.json``) is reused.
+    """
     from . import evaluate, finetune
 
-    out = Path(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
-    key = pipeline._key(to_dict(cfg.finetune), to_dict(cfg.evaluate), data.read_manifest().get("key"))
-    done = _read(out / "cell.json")
-    if done is not None:
-        if done.get("key") != key:
+    records: dict[int, dict] = {}
+    pending = []
+    for n, (budget, seed, data, stats) in enumerate(todo):
+        out = Path(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
+        key = pipeline._key(to_dict(cfg.finetune), to_dict(cfg.evaluate), data.read_manifest().get("key"))
+        done = _read(out / "cell.json")
+        if done is None:
+            pending.append((n, budget, seed, data, stats, out, key))
+        elif done.get("key") != key:
             raise ConfigError(f"{out} was fine-tuned or evaluated with another finetune/evaluate config or subset; "
                               "use a new output folder")
-        return done
-    log(f"{method}, {budget} examples, seed {seed}: fine-tuning")
-    ft = replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
-                 corpus=replace(cfg.finetune.corpus, path=data.uri))
-    summary = finetune.run(ft)
-    started = time.time()
-    metrics = evaluate.run(replace(cfg.evaluate, model=str(out), output=str(out / "eval")))
-    rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
-           "accuracy": metrics["overall"]["accuracy"], "loss": metrics["overall"]["loss"],
-           "sources": {s: m["accuracy"] for s, m in metrics["sources"].items()},
-           "source_loss": {s: m["loss"] for s, m in metrics["sources"].items()},
-           "seconds": {"select": select_seconds, "finetune": summary["train_seconds"],
-                       "evaluate": round(time.time() - started, 2)}}
-    _write(out / "cell.json", rec)
-    log(f"{method}, {budget} examples, seed {seed}: accuracy {100 * rec['accuracy']:.1f}%, loss {rec['loss']:.4f}")
-    return rec
+        else:
+            records[n] = done
+    if pending:
+        log(f"{method}: fine-tuning {len(pending)} target(s) in one sweep")
+        summaries = finetune.run_many(
+            [replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
+                     corpus=replace(cfg.finetune.corpus, path=data.uri)) for _, budget, seed, data, _, out, _ in pending],
+            sweep_dir=str(Path(cfg.output, "sweeps", method)))
+        started = time.time()
+        metrics = evaluate.run_many([replace(cfg.evaluate, model=str(p[5]), output=str(p[5] / "eval")) for p in pending])
+        seconds = round((time.time() - started) / len(pending), 2)
+        for (n, budget, seed, _, stats, out, key), summary, m in zip(pending, summaries, metrics):
+            rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
+                   "accuracy": m["overall"]["accuracy"], "loss": m["overall"]["loss"],
+                   "sources": {s: v["accuracy"] for s, v in m["sources"].items()},
+                   "source_loss": {s: v["loss"] for s, v in m["sources"].items()},
+                   "seconds": {"select": stats["seconds"], "finetune": summary["train_seconds"],
+                               "evaluate": seconds}}
+            _write(out / "cell.json", rec)
+            log(f"{method}, {budget} examples, seed {seed}: accuracy {100 * rec['accuracy']:.1f}%, "
+                f"loss {rec['loss']:.4f}")
+            records[n] = rec
+    return [records[n] for n in range(len(todo))]
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
@@ -154,16 +172,16 @@ def run(cfg: BenchmarkConfig) -> dict:
     n = manifest["corpus"]["rows"]
     budgets = [resolve_budget(b, n) for b in cfg.budgets]
     several = len(budgets) > 1
-    cells = []
+    done: list[dict] = []
     for method in cfg.methods + (["full"] if cfg.full else []):
+        todo = []
         for seed in cfg.seeds:
             data, stats = subset(run_dir, cfg, method, seed)
-            chosen = [n] if method == "full" else budgets
-            for budget in chosen:
-                cells.append(cell(cfg, method, budget, seed, data, several and method != "full", stats["seconds"]))
-    rows = aggregate(cells)
+            todo += [(budget, seed, data, stats) for budget in ([n] if method == "full" else budgets)]
+        done += cells(cfg, method, todo, several and method != "full")
+    rows = aggregate(done)
     stages = manifest["stages"]
-    results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": cells, "summary": rows,
+    results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": done, "summary": rows,
                "selection_stages": {k: v.get("seconds") for k, v in stages.items()},
                "total_seconds": round(time.time() - started, 2)}
     _write(out / "results.json", results)

@@ -164,6 +164,7 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0  # torch threads per worker = max(1, int(this))
     gpus_per_worker: float = 1.0
     shuffle_buffer: int = 10000  # rows in each worker's per-epoch shuffle buffer
+    length_window: int = 32  # micro-batches per length-grouping window (less padding); 1: no grouping
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
     text: TextConfig = field(default_factory=TextConfig)
 

@@ -12,11 +12,13 @@ source and overall) and ``predictions.jsonl``.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import os
 import re
 import time
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -100,16 +102,28 @@ def response_losses(model: torch.nn.Module, tokenizer: Any, prompts: list[str], 
 
 
 class Evaluator:
-    """Ray Data actor: loads the model once; per batch, greedy completions, exact match and response losses."""
+    """Ray Data actor: per batch, greedy completions, exact match and response losses of each row's model.
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, template: str, max_length: int, max_new_tokens: int,
-                 use_gpu: bool, bf16: bool):
-        from .models import load_model, load_tokenizer
+    Rows name their model (``model`` column); the actor keeps the last model it loaded, so rows
+    ordered by model load each one once per actor.
+    """
+
+    def __init__(self, tokenizer_dir: str, template: str, max_length: int, max_new_tokens: int, use_gpu: bool,
+                 bf16: bool):
+        from .models import load_tokenizer
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.model = load_model(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32).to(self.device).eval()
         self.template, self.max_length, self.max_new_tokens = template, max_length, max_new_tokens
+        self.model_dir, self.model = "", None
+
+    def _use(self, model_dir: str) -> None:
+        from .models import load_model
+
+        if model_dir != self.model_dir:
+            self.model = load_model(model_dir, dtype=self.dtype).to(self.device).eval()
+            self.model_dir = model_dir
 
     @torch.inference_mode()
     def generate(self, prompts: list[str]) -> list[str]:
@@ -128,16 +142,26 @@ class Evaluator:
                                   eos_token_id=tok.eos_token_id)
         return tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def _score(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         prompts, responses = [str(x) for x in batch["prompt"]], [str(x) for x in batch["response"]]
         generations = self.generate(prompts)
         loss, n = response_losses(self.model, self.tokenizer, prompts, responses, self.template, self.max_length)
         predictions = [extract_answer(g) for g in generations]
-        return {"index": batch["index"].tolist(), "id": [str(x) for x in batch["id"]],
-                "source": [str(x) for x in batch["source"]], "gold": [str(x) for x in batch["gold"]],
-                "prediction": predictions, "generation": generations,
+        return {"model": [str(x) for x in batch["model"]], "index": batch["index"].tolist(),
+                "id": [str(x) for x in batch["id"]], "source": [str(x) for x in batch["source"]],
+                "gold": [str(x) for x in batch["gold"]], "prediction": predictions, "generation": generations,
                 "correct": [answers_match(p, str(g)) for p, g in zip(predictions, batch["gold"])],
                 "loss": loss.tolist(), "n_response": n.tolist()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        models = batch["model"]
+        cuts = [0] + [i for i in range(1, len(models)) if models[i] != models[i - 1]] + [len(models)]
+        out: dict[str, list] = {}
+        for a, b in itertools.pairwise(cuts):  # each run of rows of one model
+            self._use(str(models[a]))
+            for k, v in self._score({k: v[a:b] for k, v in batch.items()}).items():
+                out.setdefault(k, []).extend(v)
+        return out
 
 
 def _records(path: str) -> list[tuple[str, dict]]:
@@ -246,37 +270,61 @@ def resolve_paths(cfg: EvaluateConfig) -> tuple[str, str]:
 
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.corpus.path`` (default: the demo eval set); returns the metrics."""
+    return run_many([cfg])[0]
+
+
+def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
+    """Evaluate several models on one evaluation set in one pass of one actor pool; their metrics.
+
+    The configs may differ only in ``model`` and ``output``.
+    """
     import ray.data
 
     from .finetune import demo_paths
     from .models import resolve_bf16, resolve_gpu
 
-    model_dir, out = resolve_paths(cfg)
+    cfg = cfgs[0]
+    for c in cfgs[1:]:
+        if replace(c, model=cfg.model, output=cfg.output) != cfg:
+            raise EvaluateError(f"{c.model}: evaluating several models at once needs configs that differ only in "
+                                "model and output")
+    paths = [resolve_paths(c) for c in cfgs]
     data = cfg.corpus.path or demo_paths()["eval"]
     rows = load_rows(data, cfg)
     use_gpu = resolve_gpu(cfg.use_gpu)
     actors = cfg.num_actors
     if use_gpu:  # no more actors than the cluster's GPUs can hold
         actors = min(actors, max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.gpus_per_actor)))
-    log(f"{len(rows)} rows of {data}; model {model_dir}; {actors} actors on {'GPU' if use_gpu else 'CPU'}")
+    log(f"{len(rows)} rows of {data}; {len(cfgs)} model(s) ({paths[0][0]}{', ...' if len(cfgs) > 1 else ''}); "
+        f"{actors} actors on {'GPU' if use_gpu else 'CPU'}")
     started = time.time()
-    batch = max(1, min(cfg.batch_size, math.ceil(len(rows) / actors)))  # every actor gets work
-    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch))
+    items = [{**r, "model": os.path.abspath(model)} for model, _ in paths for r in rows]
+    batch = max(1, min(cfg.batch_size, math.ceil(len(items) / actors)))  # every actor gets work
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch))
     ds = ds.map_batches(
         Evaluator, batch_size=batch, batch_format="numpy",
-        fn_constructor_kwargs=dict(model_dir=os.path.abspath(model_dir),
-                                   tokenizer_dir=os.path.abspath(cfg.text.tokenizer or model_dir),
+        fn_constructor_kwargs=dict(tokenizer_dir=os.path.abspath(cfg.text.tokenizer or paths[0][0]),
                                    template=cfg.text.template,
                                    max_length=cfg.text.max_length, max_new_tokens=cfg.max_new_tokens,
                                    use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu)),
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor if use_gpu else 0)
-    results = sorted(ds.take_all(), key=lambda r: r["index"])
+    by_model: dict[str, list[dict]] = {}
+    for r in ds.take_all():
+        by_model.setdefault(r["model"], []).append(r)
+    seconds = round(time.time() - started, 2)
+    return [_write(c, model_dir, out, data, sorted(by_model[os.path.abspath(model_dir)], key=lambda r: r["index"]),
+                   seconds / len(cfgs))
+            for c, (model_dir, out) in zip(cfgs, paths)]
+
+
+def _write(cfg: EvaluateConfig, model_dir: str, out: str, data: str, results: list[dict], seconds: float) -> dict:
+    """One model's metrics.json, metrics.md and predictions.jsonl; returns the metrics."""
     for r in results:
         r["loss"] = None if not math.isfinite(r["loss"]) else float(r["loss"])
         r["correct"] = bool(r["correct"])
     metrics = {"model": model_dir, "data": data, "rows": len(results), "max_new_tokens": cfg.max_new_tokens,
-               **summarize(results), "seconds": round(time.time() - started, 2), "config": to_dict(cfg)}
+               **summarize(results), "seconds": round(seconds, 2), "config": to_dict(cfg)}
     os.makedirs(out, exist_ok=True)
     Path(out, "metrics.json").write_text(json.dumps(metrics, indent=2))
     Path(out, "metrics.md").write_text(markdown(metrics))
@@ -285,6 +333,6 @@ def run(cfg: EvaluateConfig) -> dict:
             f.write(json.dumps({k: r[k] for k in ("id", "source", "gold", "prediction", "correct", "loss",
                                                   "generation")}) + "\n")
     o = metrics["overall"]
-    log(f"exact match {100 * o['accuracy']:.1f}% ({o['correct']}/{o['n']}), mean response loss {o['loss']} "
-        f"in {metrics['seconds']:.1f}s; wrote {out}/metrics.json, metrics.md")
+    log(f"{model_dir}: exact match {100 * o['accuracy']:.1f}% ({o['correct']}/{o['n']}), mean response loss "
+        f"{o['loss']}; wrote {out}/metrics.json, metrics.md")
     return metrics

@@ -14,6 +14,10 @@ driver copies out as a plain Hugging Face directory::
       train/          Ray Train storage: checkpoints (DeepSpeed shards of every rank) and Ray's run record
       model/          the fine-tuned model (safetensors) and its tokenizer
       finetune.json   config, data, plan, status, per-step log and the step each attempt started at
+
+``run_many`` runs a sweep of several such runs in one worker group, one after another; each
+writes ``model/`` and ``trainer_state.json`` (its log) directly, with no checkpoint in between.
+Micro-batches are grouped by length within shuffled windows (``length_window``) to cut padding.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import ConfigError, DemoConfig, FinetuneConfig, from_dict, to_dict
@@ -69,8 +74,8 @@ class Plan:
 
 def make_plan(rows: int, cfg: FinetuneConfig) -> Plan:
     """Each worker gets ``rows // num_workers`` rows; trailing micro-batches that do not fill a step are skipped."""
-    if cfg.num_workers < 1 or cfg.micro_batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
-        raise ConfigError("num_workers, micro_batch_size, grad_accum and epochs must all be at least 1")
+    if min(cfg.num_workers, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.length_window) < 1:
+        raise ConfigError("num_workers, micro_batch_size, grad_accum, epochs and length_window must all be at least 1")
     per_worker = rows // cfg.num_workers
     micro = math.ceil(per_worker / cfg.micro_batch_size)
     spe = micro // cfg.grad_accum
@@ -292,62 +297,117 @@ def _save(engine, tokenizer, rank: int, zero_stage: int, state: dict, final: boo
                          checkpoint_dir_name=f"step-{state['step']:07d}")
 
 
+def _micro_batches(shard, tokenizer, cfg: FinetuneConfig, epoch: int, rank: int):
+    """One epoch of this worker's shard as tokenised micro-batches ``(input_ids, labels)``.
+
+    Rows come shuffled in windows of ``length_window`` micro-batches; each window is grouped
+    by length (``text.group_by_length``), seeded by (seed, epoch, rank) so that a resumed
+    attempt sees the same order. The count is ``ceil(rows / micro_batch_size)`` either way.
+    """
+    from .text import group_by_length, tokenize_batch
+
+    rng = np.random.default_rng([cfg.seed, epoch, rank])
+    windows = shard.iter_batches(batch_size=cfg.micro_batch_size * cfg.length_window, batch_format="numpy",
+                                 local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                 local_shuffle_seed=cfg.seed + 7919 * epoch)
+    for w in windows:
+        enc = tokenize_batch(tokenizer, list(w["prompt"]), list(w["response"]), cfg.text.template,
+                             cfg.text.max_length)
+        for mb in group_by_length([len(x) for x in enc["input_ids"]], cfg.micro_batch_size, rng):
+            yield [enc["input_ids"][j] for j in mb], [enc["labels"][j] for j in mb]
+
+
+def _write_model(engine, tokenizer, rank: int, zero_stage: int, state: dict, out: Path) -> None:
+    """The gathered model into ``out/model`` and the trainer state beside it (rank 0; a collective)."""
+    full = gathered_state_dict(engine.module, zero_stage, rank)
+    if rank == 0:
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        _write_json(out / STATE_FILE, state)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(tmp, out / "model")
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _written(job: dict) -> bool:
+    """Whether a run of a sweep already wrote its model (before a worker-group restart)."""
+    state = Path(job["output"], STATE_FILE)
+    return (Path(job["output"], "model", "config.json").is_file() and state.is_file()
+            and json.loads(state.read_text()).get("plan") == job["plan"])
+
+
 def train_loop(loop: dict) -> None:
-    """Ray Train worker: DeepSpeed fine-tuning on this worker's shard, resuming from Ray's latest checkpoint."""
+    """Ray Train worker: the runs of ``loop["jobs"]`` one after another in this worker group.
+
+    A single run reports Ray Train checkpoints and resumes from Ray's latest one; the runs of a
+    sweep write their models directly and are skipped once written.
+    """
     if not loop["use_gpu"]:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported in this process
+    import ray.train
+
+    report = len(loop["jobs"]) == 1
+    for job in loop["jobs"]:
+        if not report and _written(job):
+            continue
+        _train(job, ray.train.get_dataset_shard(job["dataset"]), report)
+
+
+def _train(job: dict, shard, report: bool) -> None:
+    """One DeepSpeed fine-tuning run on this worker's shard of its rows."""
+    import gc
+
     import deepspeed
     import ray.train
     from transformers import get_scheduler
 
     from .models import build_model, load_model, load_tokenizer
-    from .text import collate, tokenize_batch
+    from .text import collate
 
-    cfg = from_dict(FinetuneConfig, loop["cfg"])
-    plan = Plan(**loop["plan"])
+    cfg = from_dict(FinetuneConfig, job["cfg"])
+    plan = Plan(**job["plan"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     rank = ray.train.get_context().get_world_rank()
+    started = time.time()
     tokenizer = load_tokenizer(cfg.text.tokenizer)
     model = load_model(cfg.model) if cfg.model else build_model(cfg.preset, tokenizer, cfg.seed, cfg.text.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=loop["deepspeed"],
+        model=model, optimizer=optimizer, config=job["deepspeed"],
         lr_scheduler=lambda opt: get_scheduler(cfg.schedule, opt, num_warmup_steps=plan.warmup_steps,
                                                num_training_steps=plan.total_steps))
     step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint() if report else None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             loaded, _ = engine.load_checkpoint(d, tag=DS_TAG)
             if loaded is None:
                 raise FinetuneError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under {DS_TAG}/")
             saved = json.loads(Path(d, STATE_FILE).read_text())
-        if saved["plan"] != loop["plan"]:
+        if saved["plan"] != job["plan"]:
             raise FinetuneError(f"checkpoint {checkpoint.path} was made with another plan {saved['plan']}, "
-                                f"not {loop['plan']}: use a new output directory")
+                                f"not {job['plan']}: use a new output directory")
         step, history = saved["step"], saved["log"]
     history.append({"event": "start", "step": step, "time": round(time.time(), 3)})
     if rank == 0:
-        _say(f"starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, {plan.num_workers} workers)")
+        _say(f"{cfg.output}: starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, "
+             f"{plan.num_workers} workers)")
     spe, gas = plan.steps_per_epoch, cfg.grad_accum
     every = max(1, plan.total_steps // 20)
-    shard = ray.train.get_dataset_shard("train")
     engine.train()
     for epoch in range(step // spe, cfg.epochs):
         skip, used = (step - epoch * spe) * gas, spe * gas
         acc, seen = 0.0, 0
-        batches = shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy",
-                                     local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                     local_shuffle_seed=cfg.seed + 7919 * epoch)
-        for i, batch in enumerate(batches):  # drained to the end: every rank ends the epoch together
-            seen += 1
+        for i, (ids, labels) in enumerate(_micro_batches(shard, tokenizer, cfg, epoch, rank)):
+            seen += 1  # drained to the end: every rank ends the epoch together
             if not skip <= i < used:
                 continue
-            enc = tokenize_batch(tokenizer, list(batch["prompt"]), list(batch["response"]), cfg.text.template,
-                                 cfg.text.max_length)
-            b = {k: v.to(engine.device) for k, v in collate(enc["input_ids"], enc["labels"],
-                                                             tokenizer.pad_token_id).items()}
+            b = {k: v.to(engine.device) for k, v in collate(ids, labels, tokenizer.pad_token_id).items()}
             loss = engine(**b, use_cache=False).loss
             engine.backward(loss)
             engine.step()
@@ -362,12 +422,17 @@ def train_loop(loop: dict) -> None:
                 _say(f"step {step}/{plan.total_steps} epoch {epoch} loss {history[-1]['loss']:.4f} "
                      f"lr {history[-1]['lr']:.2e}")
             final = step == plan.total_steps
-            if final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                _save(engine, tokenizer, rank, cfg.zero_stage, {"step": step, "plan": loop["plan"], "log": history},
-                      final)
+            state = {"step": step, "plan": job["plan"], "log": history}
+            if final and not report:
+                _write_model(engine, tokenizer, rank, cfg.zero_stage,
+                             state | {"seconds": round(time.time() - started, 2)}, Path(cfg.output))
+            elif final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                _save(engine, tokenizer, rank, cfg.zero_stage, state, final)
         if step != (epoch + 1) * spe:
             raise FinetuneError(f"rank {rank} got {seen} micro-batches in epoch {epoch}, fewer than the "
                                 f"{used} planned from {plan.rows_per_worker} rows per worker")
+    del engine, model, optimizer
+    gc.collect()
 
 
 # ---- the driver side -------------------------------------------------------------------------
@@ -405,11 +470,8 @@ def _copy_model(checkpoint, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def run(cfg: FinetuneConfig) -> dict:
-    """Fine-tune (or resume, or reuse a finished run in ``cfg.output``); returns what finetune.json records."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def _prepare(cfg: FinetuneConfig) -> tuple[dict, Any]:
+    """Check one run and read its rows: its finetune.json record and its Ray Dataset (None when already done)."""
     if "://" in cfg.output:
         raise ConfigError(f"output must be a local or shared-filesystem path (the model is written there), "
                           f"not {cfg.output!r}")
@@ -417,7 +479,7 @@ def run(cfg: FinetuneConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / SUMMARY
     data = resolve_data(cfg)
-    cfg = resolve_model(cfg)
+    cfg = replace(resolve_model(cfg), output=str(out))
     use_gpu = resolve_gpu(cfg.use_gpu)
     ds_config = deepspeed_config(cfg, use_gpu)
     key = _config_key(cfg)
@@ -432,37 +494,102 @@ def run(cfg: FinetuneConfig) -> dict:
                             "use a new --output or delete that directory")
     if previous and previous.get("status") == "done" and (out / "model" / "config.json").is_file():
         log(f"already fine-tuned: {out / 'model'}")
-        return previous
+        return previous, None
     plan = make_plan(stats["rows"], cfg)
     resume = latest_checkpoint(str(out))
     summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data,
                "use_gpu": use_gpu, "deepspeed": ds_config, "plan": asdict(plan), **stats,
                "resumed_from_step": resume["step"] if resume else None}
+    if _written({"output": str(out), "plan": asdict(plan)}):  # a sweep wrote the model; its record was not finished
+        log(f"already fine-tuned in a sweep: {out / 'model'}")
+        state = json.loads((out / STATE_FILE).read_text())
+        return _finish(summary, state, train_seconds=state["seconds"]), None
     _write_json(summary_path, summary)
     log(f"{stats['rows']} rows ({stats['dropped_no_response']} dropped: no response token), "
         f"{plan.total_steps} steps over {cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
         + (f"; resuming from step {resume['step']}" if resume else ""))
-    loop = {"cfg": to_dict(cfg), "plan": asdict(plan), "deepspeed": ds_config, "use_gpu": use_gpu}
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
+    return summary, ds
+
+
+_SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune (or resume, or reuse a finished run in ``cfg.output``); returns what finetune.json records."""
+    return run_many([cfg])[0]
+
+
+def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
+    """Fine-tune several independent runs one after another in one worker group; their finetune.json records.
+
+    Starting a worker group (processes, process group, DeepSpeed) costs tens of seconds, which
+    dominates short runs; a sweep pays it once. Runs already done are reused. With one run to
+    do, it reports Ray Train checkpoints and resumes within the run (see the module doc). With
+    several, they must share the worker-group fields (num_workers, use_gpu, resources,
+    max_failures) and have ``checkpoint_every`` 0: each writes only its final model, and an
+    interrupted sweep resumes run by run. ``sweep_dir`` holds the sweep's Ray Train record.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    records: list[dict] = []
+    todo: list[tuple[int, dict, Any]] = []
+    for i, cfg in enumerate(cfgs):
+        summary, ds = _prepare(cfg)
+        records.append(summary)
+        if ds is not None:
+            todo.append((i, summary, ds))
+    if not todo:
+        return records
+    first = cfgs[todo[0][0]]
+    if len(todo) > 1:
+        for i, _, _ in todo:
+            if cfgs[i].checkpoint_every:
+                raise ConfigError(f"{cfgs[i].output}: checkpoint_every must be 0 in a sweep of several runs")
+            if any(getattr(cfgs[i], f) != getattr(first, f) for f in _SHARED):
+                raise ConfigError(f"{cfgs[i].output}: a sweep's runs must share {', '.join(_SHARED)}")
+        if not sweep_dir:
+            raise ConfigError("sweep_dir: several runs to fine-tune need a folder for the sweep's Ray Train record")
+    storage = str(Path(sweep_dir).resolve()) if len(todo) > 1 else todo[0][1]["config"]["output"]
+    jobs = [{"cfg": s["config"], "plan": s["plan"], "deepspeed": s["deepspeed"], "dataset": f"train{i}",
+             "output": s["config"]["output"]} for i, s, _ in todo]
+    use_gpu = todo[0][1]["use_gpu"]
+    resources = {"CPU": first.cpus_per_worker} | ({"GPU": first.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop, datasets={"train": ds},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(out),
-                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)))
+        train_loop, train_loop_config={"jobs": jobs, "use_gpu": use_gpu},
+        datasets={f"train{i}": ds for i, _, ds in todo},
+        scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, first.keep_checkpoints)),
+                             failure_config=FailureConfig(max_failures=first.max_failures)))
     started = time.time()
     result = trainer.fit()
     seconds = round(time.time() - started, 2)
-    if result.checkpoint is None:
-        raise FinetuneError(f"the run in {out / RUN_NAME} reported no checkpoint")
-    fs = result.checkpoint.filesystem
-    with fs.open_input_stream(f"{result.checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
-        state = json.loads(f.read().decode())
-    _copy_model(result.checkpoint, out / "model")
+    for i, summary, _ in todo:
+        out = Path(summary["config"]["output"])
+        if len(todo) > 1:
+            state = json.loads((out / STATE_FILE).read_text())
+            summary.update(train_seconds=state["seconds"], sweep_seconds=seconds, sweep_runs=len(todo))
+        else:
+            if result.checkpoint is None:
+                raise FinetuneError(f"the run in {out / RUN_NAME} reported no checkpoint")
+            with result.checkpoint.filesystem.open_input_stream(
+                    f"{result.checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
+                state = json.loads(f.read().decode())
+            _copy_model(result.checkpoint, out / "model")
+            summary.update(train_seconds=seconds)
+        _finish(summary, state)
+        log(f"done: step {state['step']}, loss {summary['final_loss']:.4f}; model in {out / 'model'}")
+    log(f"{len(todo)} run(s) fine-tuned in {seconds:.1f}s")
+    return records
+
+
+def _finish(summary: dict, state: dict, **extra) -> dict:
+    """``summary`` completed from the trainer ``state`` (step, log) and written as finetune.json."""
+    out = Path(summary["config"]["output"])
     steps = [e for e in state["log"] if "loss" in e]
-    summary.update(status="done", train_seconds=seconds, model=str(out / "model"), final_step=state["step"],
+    summary.update(status="done", model=str(out / "model"), final_step=state["step"],
                    final_loss=steps[-1]["loss"] if steps else None,
-                   attempts=[e["step"] for e in state["log"] if e.get("event") == "start"], log=state["log"])
-    _write_json(summary_path, summary)
-    log(f"done in {seconds:.1f}s: step {state['step']}, loss {summary['final_loss']:.4f}; model in {out / 'model'}")
+                   attempts=[e["step"] for e in state["log"] if e.get("event") == "start"], log=state["log"], **extra)
+    _write_json(out / SUMMARY, summary)
     return summary

@@ -1,4 +1,4 @@
-"""Prompt template, tokenisation with response-only labels, length bucketing and collation."""
+"""Prompt template, tokenisation with response-only labels, length bucketing and grouping, collation."""
 from __future__ import annotations
 
 from typing import Any
@@ -66,3 +66,16 @@ def length_buckets(lengths: np.ndarray | list[int], max_tokens: int) -> list[np.
             batches.append(order[start:i])
             start = i
     return batches
+
+
+def group_by_length(lengths: np.ndarray | list[int], micro_batch_size: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Cut one window of rows into micro-batches of similar length, in random order.
+
+    Rows are sorted by length and cut into consecutive micro-batches of ``micro_batch_size``
+    rows (the longest rows form the last, possibly smaller, one); their order is then shuffled
+    with ``rng``. Training sees the same rows per window as without grouping, with less padding.
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    return [chunks[j] for j in rng.permutation(len(chunks))]

@@ -185,3 +185,46 @@ def test_rerun_of_a_finished_run_is_reused_and_another_config_refused(zero3, sel
     assert finetune.run(cfg) == zero3
     with pytest.raises(finetune.FinetuneError, match="another config"):
         finetune.run(replace(cfg, lr=5e-4))
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, selection, demo_small, tmp_path_factory):
+    """The ZeRO-3 run's config (seed 0) and the same with seed 1, fine-tuned in one sweep: (configs, records)."""
+    root = tmp_path_factory.mktemp("sweep")
+    cfgs = [_cfg(selection, demo_small["tokenizer"], str(root / f"seed{s}"), zero_stage=3, checkpoint_every=0,
+                 offload_optimizer=True, seed=s) for s in (0, 1)]
+    return cfgs, finetune.run_many(cfgs, sweep_dir=str(root / "sweep"))
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_each_run_as_it_would_alone(sweep, zero3):
+    from safetensors.torch import load_file
+
+    _, (a, b) = sweep
+    assert a["status"] == b["status"] == "done" and a["sweep_runs"] == b["sweep_runs"] == 2
+    for r in (a, b):
+        assert [e["step"] for e in r["log"] if "loss" in e] == list(range(1, r["plan"]["total_steps"] + 1))
+    alone = load_file(str(Path(zero3["model"]) / "model.safetensors"))
+    swept = load_file(str(Path(a["model"]) / "model.safetensors"))
+    assert max((alone[k] - swept[k]).abs().max().item() for k in alone) < 1e-4
+    la, lz, lb = ([e["loss"] for e in r["log"] if "loss" in e] for r in (a, zero3, b))
+    assert max(abs(x - y) for x, y in zip(la, lz)) < 1e-3
+    assert max(abs(x - y) for x, y in zip(la, lb)) > 1e-2  # seed 1 is another run, not a copy
+
+
+@pytest.mark.slow
+def test_a_sweep_is_reused_run_by_run(sweep):
+    cfgs, records = sweep
+    sweep_dir = str(Path(cfgs[0].output).parent / "sweep")
+    assert finetune.run_many(cfgs, sweep_dir=sweep_dir) == records  # all done: nothing starts
+    # The sweep wrote seed 1's model, but its record was left unfinished (the driver stopped after the fit):
+    # the model is taken as it is, not trained again.
+    out = Path(cfgs[1].output)
+    state = (out / finetune.STATE_FILE).read_text()
+    finetune._write_json(out / finetune.SUMMARY, {**records[1], "status": "running"})
+    again = finetune.run_many(cfgs, sweep_dir=sweep_dir)
+    assert (out / finetune.STATE_FILE).read_text() == state
+    assert again[1]["status"] == "done" and again[1]["log"] == records[1]["log"]
+    with pytest.raises(ConfigError, match="share num_workers"):
+        finetune.run_many([replace(c, output=f"{c.output}-new", num_workers=n) for c, n in zip(cfgs, (1, 2))],
+                          sweep_dir=sweep_dir)

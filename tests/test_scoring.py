@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from s2l_ray.models import load_tokenizer, preset_config
 from s2l_ray.scoring import example_losses, labels_from, reference_losses, score_rows
-from s2l_ray.text import IGNORE_INDEX, collate, length_buckets, tokenize_batch
+from s2l_ray.text import IGNORE_INDEX, collate, group_by_length, length_buckets, tokenize_batch
 
 TEMPLATE = "Question: {prompt}\nAnswer: "
 
@@ -90,6 +90,17 @@ def test_length_buckets(lengths, max_tokens):
     assert flat == list(range(len(lengths)))
     for b in buckets:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens
+
+
+def test_group_by_length_hand_worked():
+    # lengths 5 1 4 2 3 7 6, micro-batches of 3: sorted rows 1 3 4 2 0 6 5 -> [1 3 4] [2 0 6] [5], shuffled
+    lengths = [5, 1, 4, 2, 3, 7, 6]
+    chunks = group_by_length(lengths, 3, np.random.default_rng(0))
+    order = np.random.default_rng(0).permutation(3)
+    assert [c.tolist() for c in chunks] == [[[1, 3, 4], [2, 0, 6], [5]][j] for j in order]
+    orders = {tuple(tuple(c.tolist()) for c in group_by_length(lengths, 3, np.random.default_rng(s))) for s in range(50)}
+    assert len(orders) == 6  # every order of the three micro-batches occurs
+    assert [c.tolist() for c in group_by_length([3, 1], 8, np.random.default_rng(0))] == [[1, 0]]
 
 
 def test_collate_right_pads_ids_labels_and_mask():
