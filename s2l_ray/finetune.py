@@ -17,7 +17,8 @@ driver copies out as a plain Hugging Face directory::
 
 ``run_many`` runs a sweep of several such runs in one worker group, one after another; each
 writes ``model/`` and ``trainer_state.json`` (its log) directly, with no checkpoint in between.
-Micro-batches are grouped by length within shuffled windows (``length_window``) to cut padding.
+With ``length_window`` > 1, micro-batches are grouped by length within shuffled windows: less
+padding, but batches of similar rows (off by default: on the CPU benchmark it cost quality).
 """
 from __future__ import annotations
 
@@ -302,7 +303,7 @@ def _micro_batches(shard, tokenizer, cfg: FinetuneConfig, epoch: int, rank: int)
 
     Rows come shuffled in windows of ``length_window`` micro-batches; each window is grouped
     by length (``text.group_by_length``), seeded by (seed, epoch, rank) so that a resumed
-    attempt sees the same order. The count is ``ceil(rows / micro_batch_size)`` either way.
+    attempt sees the same order. The count is ``ceil(rows / micro_batch_size)`` for any window.
     """
     from .text import group_by_length, tokenize_batch
 
