@@ -3,8 +3,8 @@
 One selection run trains the proxy and records the trajectories once (and clusters them for
 S2L); every method then picks its subsets from that run, for every seed. A target is fine-tuned
 on each (method, budget, seed) subset and evaluated; ``full`` trains on everything. A method's
-targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_many``) and
-evaluated in one pass, so the start-up of a worker group is paid once per method, not per
+targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_many``; needs
+``finetune.checkpoint_every: 0``) and evaluated in one pass, so the start-up of a worker group is paid once per method, not per
 target. Everything lands under ``<output>/``::
 
     data/                          the demo mixture (when no corpus is given)
@@ -97,8 +97,9 @@ def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[R
 def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, dict]], several: bool) -> list[dict]:
     """Fine-tune and evaluate one method's (budget, seed) cells, ``(budget, seed, subset, stats)``.
 
-    The unfinished cells are fine-tuned in one sweep (one worker group) and evaluated in one
-    pass; a finished cell (its ``cell.json``) is reused.
+    The unfinished cells are fine-tuned in one sweep (one worker group; with
+    ``finetune.checkpoint_every`` > 0, one worker group each so that a run resumes from its
+    checkpoints) and evaluated in one pass; a finished cell (its ``cell.json``) is reused.
     """
     from . import evaluate, finetune
 
@@ -116,11 +117,14 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
         else:
             records[n] = done
     if pending:
-        log(f"{method}: fine-tuning {len(pending)} target(s) in one sweep")
-        summaries = finetune.run_many(
-            [replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
-                     corpus=replace(cfg.finetune.corpus, path=data.uri)) for _, budget, seed, data, _, out, _ in pending],
-            sweep_dir=str(Path(cfg.output, "sweeps", method)))
+        runs = [replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
+                        corpus=replace(cfg.finetune.corpus, path=data.uri)) for _, budget, seed, data, _, out, _ in pending]
+        if cfg.finetune.checkpoint_every:  # checkpoints within a run: one worker group per run
+            log(f"{method}: fine-tuning {len(runs)} target(s), one after another")
+            summaries = [finetune.run(r) for r in runs]
+        else:
+            log(f"{method}: fine-tuning {len(runs)} target(s) in one sweep")
+            summaries = finetune.run_many(runs, sweep_dir=str(Path(cfg.output, "sweeps", method)))
         started = time.time()
         metrics = evaluate.run_many([replace(cfg.evaluate, model=str(p[5]), output=str(p[5] / "eval")) for p in pending])
         seconds = round((time.time() - started) / len(pending), 2)

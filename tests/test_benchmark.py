@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -9,7 +10,7 @@ from s2l_ray import benchmark
 from s2l_ray.config import BenchmarkConfig, ConfigError, load_config
 
 
-def tiny(tmp_path) -> BenchmarkConfig:
+def tiny(tmp_path, **extra) -> BenchmarkConfig:
     return load_config(None, {
         "output": str(tmp_path / "bench"), "methods": "s2l", "budgets": "0.25", "seeds": "0,1",
         "full": "false",
@@ -21,7 +22,7 @@ def tiny(tmp_path) -> BenchmarkConfig:
         "finetune.preset": "tiny", "finetune.epochs": 1, "finetune.lr": 0.001, "finetune.micro_batch_size": 4,
         "finetune.checkpoint_every": 0, "finetune.num_workers": 1, "finetune.cpus_per_worker": 0.5,
         "finetune.text.max_length": 96,
-        "evaluate.max_new_tokens": 4, "evaluate.num_actors": 1, "evaluate.text.max_length": 96,
+        "evaluate.max_new_tokens": 4, "evaluate.num_actors": 1, "evaluate.text.max_length": 96, **extra,
     }, cls=BenchmarkConfig)
 
 
@@ -50,6 +51,16 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = benchmark.run(cfg)  # every stage and cell reused: identical cells
     assert again["cells"] == results["cells"]
+    # With checkpoints inside runs, each target gets its own worker group; training is the same.
+    targets = tmp_path / "bench" / "targets"
+    swept = json.loads((targets / "s2l-8" / "seed0" / "finetune.json").read_text())
+    shutil.rmtree(targets)
+    alone = benchmark.run(tiny(tmp_path, seeds="0", **{"finetune.checkpoint_every": 1}))  # selection reused
+    (cell,) = alone["cells"]
+    assert cell["seed"] == 0 and cell["examples"] == 8
+    assert cell["loss"] == pytest.approx(next(c["loss"] for c in results["cells"] if c["seed"] == 0), abs=1e-5)
+    assert swept["sweep_runs"] == 2
+    assert "sweep_runs" not in json.loads((targets / "s2l-8" / "seed0" / "finetune.json").read_text())
     changed = tiny(tmp_path)
     changed.finetune.epochs = 2
     with pytest.raises(ConfigError, match="fine-tuned or evaluated with another finetune/evaluate config"):

@@ -4,7 +4,8 @@ One ZeRO-2 run is started as the real job (``jobs/finetune.py``) in a subprocess
 SIGKILL once its first checkpoint is recorded, and rerun to completion; one ZeRO-3 run with the
 optimizer offloaded to CPU goes uninterrupted in-process. Both must lower the loss and export a loadable model, the rerun must
 start at the recorded checkpoint's step, and since the data order is deterministic the
-resumed ZeRO-2 model must equal the uninterrupted ZeRO-3 one.
+resumed ZeRO-2 model must equal the uninterrupted ZeRO-3 one. A sweep (two runs in one worker
+group) must train its first run exactly as the ZeRO-3 run alone, and is reused run by run.
 """
 from __future__ import annotations
 
@@ -189,10 +190,10 @@ def test_rerun_of_a_finished_run_is_reused_and_another_config_refused(zero3, sel
 
 @pytest.fixture(scope="module")
 def sweep(ray_local, selection, demo_small, tmp_path_factory):
-    """The ZeRO-3 run's config (seed 0) and the same with seed 1, fine-tuned in one sweep: (configs, records)."""
+    """The ZeRO-3 run's config (seed 0) and seed 1 with length grouping, fine-tuned in one sweep: (configs, records)."""
     root = tmp_path_factory.mktemp("sweep")
     cfgs = [_cfg(selection, demo_small["tokenizer"], str(root / f"seed{s}"), zero_stage=3, checkpoint_every=0,
-                 offload_optimizer=True, seed=s) for s in (0, 1)]
+                 offload_optimizer=True, seed=s, length_window=w) for s, w in ((0, 1), (1, 4))]
     return cfgs, finetune.run_many(cfgs, sweep_dir=str(root / "sweep"))
 
 
@@ -210,6 +211,7 @@ def test_a_sweep_trains_each_run_as_it_would_alone(sweep, zero3):
     la, lz, lb = ([e["loss"] for e in r["log"] if "loss" in e] for r in (a, zero3, b))
     assert max(abs(x - y) for x, y in zip(la, lz)) < 1e-3
     assert max(abs(x - y) for x, y in zip(la, lb)) > 1e-2  # seed 1 is another run, not a copy
+    assert sum(lb[-4:]) / 4 < sum(lb[:4]) / 4 - 0.3  # grouped by length: every planned step ran, the loss fell
 
 
 @pytest.mark.slow

@@ -7,7 +7,13 @@ from transformers import AutoModelForCausalLM
 
 from s2l_ray.models import load_tokenizer, preset_config
 from s2l_ray.scoring import example_losses, labels_from, reference_losses, score_rows
-from s2l_ray.text import IGNORE_INDEX, collate, group_by_length, length_buckets, tokenize_batch
+from s2l_ray.text import (
+    IGNORE_INDEX,
+    collate,
+    group_by_length,
+    length_buckets,
+    tokenize_batch,
+)
 
 TEMPLATE = "Question: {prompt}\nAnswer: "
 
