@@ -4,8 +4,8 @@ One selection run trains the proxy and records the trajectories once (and cluste
 S2L); every method then picks its subsets from that run, for every seed. A target is fine-tuned
 on each (method, budget, seed) subset and evaluated; ``full`` trains on everything. A method's
 targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_many``; needs
-``finetune.checkpoint_every: 0``) and evaluated in one pass, so the start-up of a worker group is paid once per method, not per
-target. Everything lands under ``<output>/``::
+``finetune.checkpoint_every: 0``) and evaluated in one pass, so the start-up of a worker group
+is paid once per method, not per target. Everything lands under ``<output>/``::
 
     data/                          the demo mixture (when no corpus is given)
     selection/                     the selection run (pipeline.select)
