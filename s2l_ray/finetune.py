@@ -334,11 +334,11 @@ def _write_model(engine, tokenizer, rank: int, zero_stage: int, state: dict, out
     dist.barrier()
 
 
-def _written(job: dict) -> bool:
-    """Whether a run of a sweep already wrote its model (before a worker-group restart)."""
-    state = Path(job["output"], STATE_FILE)
-    return (Path(job["output"], "model", "config.json").is_file() and state.is_file()
-            and json.loads(state.read_text()).get("plan") == job["plan"])
+def _written(output: str, plan: dict) -> bool:
+    """Whether a sweep already wrote this run's model (``output``) for this ``plan``."""
+    state = Path(output, STATE_FILE)
+    return (Path(output, "model", "config.json").is_file() and state.is_file()
+            and json.loads(state.read_text()).get("plan") == plan)
 
 
 def train_loop(loop: dict) -> None:
@@ -353,7 +353,7 @@ def train_loop(loop: dict) -> None:
 
     report = len(loop["jobs"]) == 1
     for job in loop["jobs"]:
-        if not report and _written(job):
+        if not report and _written(job["output"], job["plan"]):
             continue
         _train(job, ray.train.get_dataset_shard(job["dataset"]), report)
 
@@ -501,7 +501,7 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, Any]:
     summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data,
                "use_gpu": use_gpu, "deepspeed": ds_config, "plan": asdict(plan), **stats,
                "resumed_from_step": resume["step"] if resume else None}
-    if _written({"output": str(out), "plan": asdict(plan)}):  # a sweep wrote the model; its record was not finished
+    if _written(str(out), asdict(plan)):  # a sweep wrote the model; its record was not finished
         log(f"already fine-tuned in a sweep: {out / 'model'}")
         state = json.loads((out / STATE_FILE).read_text())
         return _finish(summary, state, train_seconds=state["seconds"]), None
@@ -570,7 +570,7 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
         out = Path(summary["config"]["output"])
         if len(todo) > 1:
             state = json.loads((out / STATE_FILE).read_text())
-            summary.update(train_seconds=state["seconds"], sweep_seconds=seconds, sweep_runs=len(todo))
+            extra = {"train_seconds": state["seconds"], "sweep_seconds": seconds, "sweep_runs": len(todo)}
         else:
             if result.checkpoint is None:
                 raise FinetuneError(f"the run in {out / RUN_NAME} reported no checkpoint")
@@ -578,8 +578,8 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
                     f"{result.checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
                 state = json.loads(f.read().decode())
             _copy_model(result.checkpoint, out / "model")
-            summary.update(train_seconds=seconds)
-        _finish(summary, state)
+            extra = {"train_seconds": seconds}
+        _finish(summary, state, **extra)
         log(f"done: step {state['step']}, loss {summary['final_loss']:.4f}; model in {out / 'model'}")
     log(f"{len(todo)} run(s) fine-tuned in {seconds:.1f}s")
     return records
