@@ -30,7 +30,7 @@ from pyarrow.fs import LocalFileSystem
 
 from . import methods, pipeline
 from .config import BenchmarkConfig, ConfigError, SelectConfig, to_dict
-from .layout import RunDir, write_json_atomic
+from .layout import RunDir, stage_key, write_json_atomic
 
 
 def log(msg: str) -> None:
@@ -81,7 +81,7 @@ def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[R
 
     dest = RunDir(str(Path(cfg.output, "selections", method, f"seed{seed}")))
     stages = run.read_manifest()["stages"]  # what the subset depends on: the trajectories and clusters made
-    key = pipeline._key({k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}, method, cfg.budgets, seed)
+    key = stage_key({k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}, method, cfg.budgets, seed)
     done = dest.read_manifest()
     if done.get("key") == key:
         return dest, done["selection"]
@@ -107,7 +107,7 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
     pending = []
     for n, (budget, seed, data, stats) in enumerate(todo):
         out = Path(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
-        key = pipeline._key(to_dict(cfg.finetune), to_dict(cfg.evaluate), data.read_manifest().get("key"))
+        key = stage_key(to_dict(cfg.finetune), to_dict(cfg.evaluate), data.read_manifest().get("key"))
         done = _read(out / "cell.json")
         if done is None:
             pending.append((n, budget, seed, data, stats, out, key))

@@ -24,8 +24,10 @@ class CorpusConfig:
 
     ``path`` is a JSONL or Parquet file, a folder of shards, a ``datasets.save_to_disk``
     directory, or any pyarrow filesystem URI (``s3://...``). Empty: the built-in demo corpus.
-    ``messages`` names a chat column (list of {role, content}); when it is present the last
-    assistant turn is the response and the turns before it form the prompt.
+    ``messages`` names a chat column (list of {role, content}; a ShareGPT ``conversations`` column
+    of {from, value} is read too), used for rows without a prompt column: every assistant turn
+    is trained on. Rows with an empty prompt or response, a repeated id, or no response token
+    left after truncation are dropped and counted; ``strict`` makes each of them an error.
     """
 
     path: str = ""
@@ -36,6 +38,9 @@ class CorpusConfig:
     source: str = "source"
     messages: str = "messages"
     default_source: str = "default"
+    strict: bool = False
+    part_rows: int = 8192  # rows per stored corpus part (the unit of scoring)
+    piece_mb: float = 32.0  # input read by one ingest task (JSONL bytes, Parquet uncompressed row groups)
 
 
 @dataclass
@@ -58,9 +63,11 @@ class DemoConfig:
 class TextConfig:
     """Prompt template and tokenisation."""
 
-    template: str = "Question: {prompt}\nAnswer: "
+    template: str = "Question: {prompt}\nAnswer: "  # prompt/response rows
+    chat_template: str = ""  # chat rows: empty: the tokenizer's own; "plain": the template's wording; a .jinja file
     max_length: int = 512
-    tokenizer: str = ""  # local tokenizer dir; empty: the proxy model's dir (or the demo's)
+    tokenizer: str = ""  # local tokenizer dir; empty: the proxy model's dir, else one trained on the corpus
+    vocab_size: int = 8192  # the BPE tokenizer trained on the corpus when no tokenizer or proxy model is given
 
 
 @dataclass
@@ -69,6 +76,7 @@ class ProxyConfig:
 
     model: str = ""  # local model dir; empty: build the tiny preset below
     preset: str = "tiny"  # tiny | small (see models.PRESETS)
+    seed: int = 0  # a fresh model's initialisation and the training order (part of the trajectories' key)
     epochs: int = 3
     lr: float = 2e-5
     schedule: str = "cosine"  # cosine | linear | constant
@@ -119,7 +127,7 @@ class S2LConfig:
     """A whole selection run."""
 
     output: str = "runs/demo"
-    seed: int = 0
+    seed: int = 0  # the selection's: k-means and sampling (proxy.seed drives the proxy)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -173,14 +181,16 @@ class FinetuneConfig:
 class EvaluateConfig:
     """Greedy generation and exact-match scoring of a model on an evaluation set.
 
-    ``corpus.path`` is the evaluation set (empty: the demo's ``eval.jsonl``); rows have a prompt,
-    a response (for the teacher-forced loss), optionally a source and a gold answer column
-    (else the text after the response's last ``####``). Use the fine-tuning run's ``text``.
+    ``corpus.path`` is the evaluation set (empty: the demo's ``eval.jsonl``): rows as in a training
+    corpus (prompt/response, GSM8K question/answer, MATH problem/solution, or chat messages), with
+    optionally a source and a gold answer column (else read from the response). Use the
+    fine-tuning run's ``text``.
     """
 
     model: str = "runs/demo-target"  # HF model dir, or a fine-tuning output dir holding model/
     output: str = ""  # empty: <fine-tuning output>/eval, or <model>/eval for a plain model dir
-    answer: str = "answer"  # gold answer column (optional in the data)
+    answer: str = "answer"  # gold answer column (optional in the data; read after "####", in \\boxed{}, ...)
+    stop: list[str] = field(default_factory=list)  # generation stops at these too; empty: the template's "Question:"
     max_new_tokens: int = 256
     limit: int = 0  # evaluate the first N rows only; 0: all
     batch_size: int = 32  # rows per generate() call

@@ -1,10 +1,19 @@
-"""Read an SFT corpus into a normalised Ray Dataset, validate it, and store it in the run directory.
+"""Read an SFT corpus in parallel pieces, normalise, tokenise and validate it into ``<run>/corpus/``.
 
-Inputs: JSONL, Parquet, a ``datasets.save_to_disk`` directory, or a folder of shards, on a
-local path or any pyarrow filesystem URI. Each file is read by one Ray task that streams it
-in chunks, so errors name the file and the line (JSONL) or row (Parquet, datasets) at fault.
-Rows get a stable id (the given one, or a hash of their content) and token counts under the
-proxy's tokenizer, so truncation is known before any model runs.
+Inputs: JSONL (gzip too), Parquet, a ``datasets.save_to_disk`` directory, or a folder of shards,
+on a local path or any pyarrow filesystem URI. Rows are prompt/response pairs, or conversations
+in a ``messages`` column (``{role, content}``) or ShareGPT ``conversations`` (``{from, value}``).
+
+The input is cut into pieces: byte ranges of a JSONL file aligned to line starts, groups of a
+Parquet file's row groups, the Arrow shards of a ``datasets`` directory (a gzip file is one
+piece). Each piece is a Ray task that parses, normalises and tokenises its rows a chunk at a
+time (memory bounded by the chunk, whatever the file size) and stages them; errors name the
+file's own line (JSONL) or row (Parquet, Arrow). The driver then holds one 8-byte id hash per
+row to find duplicate ids, and part-writer tasks cut the staged rows into ``part_rows``-row
+parts in input order, so the parts, ``idx`` and fingerprint do not depend on how the input was
+cut. Rows with an empty prompt or response, a duplicate id (the first is kept) or no response
+token left after truncation are dropped and counted (``corpus.strict`` makes each an error);
+malformed JSON, bad UTF-8 and missing or mistyped fields are always errors.
 """
 from __future__ import annotations
 
@@ -12,7 +21,9 @@ import functools
 import hashlib
 import json
 import posixpath
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,27 +32,31 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .config import CorpusConfig, TextConfig
-from .layout import CORPUS_SCHEMA, resolve
+from .layout import STORED_SCHEMA, exists, resolve, write_parquet_atomic
 
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_EXT = (".parquet",)
-CHUNK_ROWS = 8192
-# The stored corpus: the contract's columns plus the tokenised text under the proxy tokenizer
-# (prompt then response, truncated; labels are the ids after the first n_prompt) and a content
-# hash (for the corpus fingerprint). READ_SCHEMA is the same before idx is assigned.
-STORED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [
-    pa.field("input_ids", pa.list_(pa.int32())), pa.field("n_prompt", pa.int32()),
-    pa.field("n_tokens", pa.int32()), pa.field("n_response", pa.int32()),
-    pa.field("truncated", pa.bool_()), pa.field("row_hash", pa.string())])
-READ_SCHEMA = STORED_SCHEMA.remove(STORED_SCHEMA.get_field_index("idx"))
+CHUNK_ROWS = 4096  # rows parsed and tokenised at a time inside a piece
+STAGE_BATCH = 1024  # rows per record batch of a staged piece (part writers read whole batches)
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system", "tool": "tool", "function": "tool", "ipython": "tool"}
+# Column pairs of other tools' schemas, read when the default prompt/response columns are absent:
+# GSM8K (question, answer), MATH (problem, solution), Alpaca and MathInstruct (instruction, output).
+SCHEMAS = (("question", "answer"), ("problem", "solution"), ("instruction", "output"))
+DROP_REASONS = ("empty_prompt", "empty_response", "duplicate_id", "no_response_tokens")
+# A staged piece: the stored columns without idx, plus where each row came from and its content hash.
+STAGED_SCHEMA = pa.schema([f for f in STORED_SCHEMA if f.name != "idx"] + [
+    pa.field("at", pa.int64()), pa.field("row_hash", pa.binary(16))])
 
 
 class CorpusError(ValueError):
     """The corpus is missing, empty or malformed; the message names the file, row and field."""
 
 
+# finding the input -----------------------------------------------------------------------------
+
 def discover(cfg: CorpusConfig) -> tuple[str, list[str]]:
-    """The corpus format and its files (as URIs or absolute local paths)."""
+    """The corpus format and its files (as URIs or absolute local paths; a ``datasets`` dir as itself)."""
     if not cfg.path:
         raise CorpusError("no corpus path given")
     fs, root = resolve(cfg.path)
@@ -56,9 +71,8 @@ def discover(cfg: CorpusConfig) -> tuple[str, list[str]]:
     if info.type == pafs.FileType.File:
         files = [root]
     else:
-        if cfg.format in ("auto", "hf") and (fs.get_file_info(posixpath.join(root, "dataset_info.json")).type
-                                             == pafs.FileType.File or fs.get_file_info(
-                    posixpath.join(root, "dataset_dict.json")).type == pafs.FileType.File):
+        if cfg.format in ("auto", "hf") and any(exists(fs, posixpath.join(root, n))
+                                                for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
             return "hf", [cfg.path]
         sel = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         files = sorted(f.path for f in sel if f.type == pafs.FileType.File
@@ -78,172 +92,6 @@ def discover(cfg: CorpusConfig) -> tuple[str, list[str]]:
     return fmt, [uri(f) for f in files]
 
 
-def _jsonl_chunks(uri: str) -> Iterator[list[dict]]:
-    fs, path = resolve(uri)
-    compression = "gzip" if path.endswith(".gz") else None
-    rows: list[dict] = []
-    with fs.open_input_stream(path, compression=compression) as f:
-        data = f.read()
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{uri}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{uri}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise CorpusError(f"{uri}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        obj["__line"] = lineno
-        rows.append(obj)
-        if len(rows) >= CHUNK_ROWS:
-            yield rows
-            rows = []
-    if rows:
-        yield rows
-
-
-def _table_chunks(uri: str, fmt: str) -> Iterator[list[dict]]:
-    if fmt == "parquet":
-        fs, path = resolve(uri)
-        try:
-            pf = pq.ParquetFile(fs.open_input_file(path))
-        except pa.ArrowInvalid as e:
-            raise CorpusError(f"{uri}: not a readable Parquet file ({e})") from None
-        batches = pf.iter_batches(batch_size=CHUNK_ROWS)
-    else:
-        import datasets
-
-        d = datasets.load_from_disk(uri)
-        if isinstance(d, datasets.DatasetDict):
-            if "train" not in d:
-                raise CorpusError(f"{uri}: dataset dict has no 'train' split (splits: {list(d)})")
-            d = d["train"]
-        batches = d.data.table.to_batches(max_chunksize=CHUNK_ROWS)
-    start = 0
-    for b in batches:
-        rows = b.to_pylist()
-        for i, r in enumerate(rows):
-            r["__line"] = start + i
-        yield rows
-        start += len(rows)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from .models import load_tokenizer
-
-    return load_tokenizer(path)
-
-
-def row_id(source: str, prompt: str, response: str) -> str:
-    """The id derived from a row's content when the corpus gives none."""
-    return hashlib.sha1("\x1f".join((source, prompt, response)).encode()).hexdigest()[:20]
-
-
-def _normalise(rows: list[dict], uri: str, fmt: str, cfg: CorpusConfig) -> dict[str, list]:
-    where = "line" if fmt == "jsonl" else "row"
-    out: dict[str, list] = {"id": [], "source": [], "prompt": [], "response": []}
-    for r in rows:
-        at = f"{uri}:{r['__line']}" if fmt == "jsonl" else f"{uri} {where} {r['__line']}"
-        if cfg.messages in r and cfg.prompt not in r:
-            prompt, response = _from_messages(r[cfg.messages], at, cfg.messages)
-        else:
-            for col in (cfg.prompt, cfg.response):
-                if col not in r:
-                    raise CorpusError(f"{at}: missing field {col!r} (fields: {sorted(k for k in r if k != '__line')}); "
-                                      f"set corpus.prompt / corpus.response to map columns")
-            prompt, response = r[cfg.prompt], r[cfg.response]
-        for name, val in ((cfg.prompt, prompt), (cfg.response, response)):
-            if not isinstance(val, str):
-                raise CorpusError(f"{at}: field {name!r} must be a string, got {type(val).__name__}")
-            if not val.strip():
-                raise CorpusError(f"{at}: field {name!r} is empty")
-        source = r.get(cfg.source)
-        source = cfg.default_source if source is None or source == "" else str(source)
-        rid = r.get(cfg.id)
-        rid = row_id(source, prompt, response) if rid is None or rid == "" else str(rid)
-        out["id"].append(rid)
-        out["source"].append(source)
-        out["prompt"].append(prompt)
-        out["response"].append(response)
-    return out
-
-
-def _from_messages(msgs: Any, at: str, col: str) -> tuple[str, str]:
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise CorpusError(f"{at}: field {col!r} must be a non-empty list of {{role, content}} objects")
-    last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-    if last is None or last == 0:
-        raise CorpusError(f"{at}: field {col!r} has no assistant turn after a user turn")
-    turns = msgs[:last]
-    prompt = turns[0].get("content", "") if len(turns) == 1 else "\n".join(
-        f"{m.get('role', '')}: {m.get('content', '')}" for m in turns)
-    return prompt, msgs[last].get("content", "")
-
-
-def read_files(batch: dict[str, np.ndarray], fmt: str, corpus: CorpusConfig, text: TextConfig,
-               tokenizer: str) -> Iterator[pa.Table]:
-    """Ray Data UDF: read each file of a batch and yield normalised, tokenised chunks."""
-    from .text import tokenize_batch
-
-    tok = _tokenizer(tokenizer)
-    for uri in batch["file"]:
-        chunks = _jsonl_chunks(uri) if fmt == "jsonl" else _table_chunks(uri, fmt)
-        for rows in chunks:
-            cols = _normalise(rows, uri, fmt, corpus)
-            enc = tokenize_batch(tok, cols["prompt"], cols["response"], text.template, text.max_length)
-            cols["input_ids"] = enc["input_ids"]
-            cols["n_tokens"] = [len(x) for x in enc["input_ids"]]
-            cols["n_response"] = enc["n_response"]
-            cols["n_prompt"] = [a - b for a, b in zip(cols["n_tokens"], enc["n_response"])]
-            cols["truncated"] = enc["truncated"]
-            cols["row_hash"] = [hashlib.sha1("\x1f".join(v).encode()).hexdigest()[:20] for v in
-                                zip(cols["id"], cols["source"], cols["prompt"], cols["response"])]
-            yield pa.Table.from_pydict(cols, schema=READ_SCHEMA)
-
-
-def read(cfg: CorpusConfig, text: TextConfig, tokenizer: str):
-    """The corpus as a Ray Dataset of READ_SCHEMA rows (lazy; errors surface on execution)."""
-    import ray.data
-
-    fmt, files = discover(cfg)
-    return ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).map_batches(
-        read_files, fn_args=(fmt, cfg, text, tokenizer), batch_size=1,
-        batch_format="numpy", num_cpus=0.5)
-
-
-def validate(table: pa.Table, source_uri: str) -> dict:
-    """Check a stored corpus (id, row_hash, n_response columns suffice); returns its statistics.
-
-    Raises CorpusError on an empty corpus, duplicate ids, or rows left with no response token.
-    """
-    n = table.num_rows
-    if n == 0:
-        raise CorpusError(f"{source_uri}: the corpus is empty")
-    ids = table.column("id")
-    uniq = pc.unique(ids)
-    if len(uniq) != n:
-        counts = pc.value_counts(ids)
-        dup = [c["values"] for c in counts.to_pylist() if c["counts"] > 1][:5]
-        raise CorpusError(f"{source_uri}: duplicate ids {dup} ({n - len(uniq)} duplicate rows); ids must be "
-                          "unique (identical rows without an id column derive the same id: deduplicate them)")
-    empty = pc.filter(ids, pc.equal(table.column("n_response"), 0))
-    if len(empty):
-        raise CorpusError(f"{source_uri}: {len(empty)} rows have no response tokens left after truncation to "
-                          f"text.max_length (ids {empty.to_pylist()[:5]}); raise text.max_length or shorten "
-                          "their prompts")
-    order = pc.sort_indices(table.column("row_hash"))
-    fp = hashlib.sha256("".join(pc.take(table.column("row_hash"), order).to_pylist()).encode()).hexdigest()[:32]
-    return {"rows": n, "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
-            "tokens": int(pc.sum(table.column("n_tokens")).as_py()),
-            "sources": {s["values"]: s["counts"] for s in pc.value_counts(table.column("source")).to_pylist()},
-            "fingerprint": fp}
-
-
 def input_fingerprint(cfg: CorpusConfig) -> str:
     """A cheap fingerprint of the input files (paths, sizes, modification times) and column mapping."""
     fmt, files = discover(cfg)
@@ -258,52 +106,596 @@ def input_fingerprint(cfg: CorpusConfig) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 8192) -> dict:
-    """Read, normalise and validate the corpus into ``<run>/corpus/``; returns its statistics.
+@dataclass(frozen=True)
+class Piece:
+    """One unit of parallel reading: a JSONL byte range, Parquet row groups, or an Arrow shard."""
 
-    Rows are numbered (``idx``) in input order, deterministically, and stored in parts of
-    ``part_rows`` rows (the last one shorter): the unit of parallel scoring. Nothing is recorded in the
-    manifest unless the whole corpus is valid, and the part files of a failed attempt are removed.
+    number: int
+    uri: str
+    fmt: str  # jsonl | parquet | arrow
+    start: int = 0  # jsonl: first byte; parquet: first row group
+    end: int = -1  # jsonl: end byte (-1: to the end, gzip); parquet: end row group
+    first_row: int = 0  # parquet: the file's row number of the piece's first row
+
+
+def _hf_shards(uri: str) -> list[str]:
+    """The Arrow shard files of a ``datasets.save_to_disk`` directory (its train split for a dict)."""
+    fs, root = resolve(uri)
+    prefix = uri.split("://")[0] + "://" if "://" in uri else ""
+    from .layout import read_json
+
+    splits = read_json(fs, posixpath.join(root, "dataset_dict.json"))
+    if splits is not None:
+        if "train" not in splits.get("splits", []):
+            raise CorpusError(f"{uri}: dataset dict has no 'train' split (splits: {splits.get('splits')})")
+        root = posixpath.join(root, "train")
+    state = read_json(fs, posixpath.join(root, "state.json"))
+    if not state or not state.get("_data_files"):
+        raise CorpusError(f"{uri}: not a datasets.save_to_disk directory (no state.json listing its data files)")
+    return [prefix + posixpath.join(root, f["filename"]) for f in state["_data_files"]]
+
+
+def plan_pieces(fmt: str, files: list[str], piece_bytes: int) -> list[Piece]:
+    """Cut the input files into pieces of about ``piece_bytes`` (input bytes; uncompressed for Parquet)."""
+    pieces: list[Piece] = []
+
+    def add(**kw: Any) -> None:
+        pieces.append(Piece(number=len(pieces), **kw))
+
+    for uri in files:
+        fs, path = resolve(uri)
+        if fmt == "hf":
+            for shard in _hf_shards(uri):
+                add(uri=shard, fmt="arrow")
+        elif fmt == "parquet":
+            try:
+                meta = pq.ParquetFile(fs.open_input_file(path)).metadata
+            except (pa.ArrowInvalid, OSError) as e:
+                raise CorpusError(f"{uri}: not a readable Parquet file ({e})") from None
+            start, row, size, first = 0, 0, 0, 0
+            for g in range(meta.num_row_groups):
+                size += meta.row_group(g).total_byte_size
+                row += meta.row_group(g).num_rows
+                if size >= piece_bytes or g == meta.num_row_groups - 1:
+                    add(uri=uri, fmt="parquet", start=start, end=g + 1, first_row=first)
+                    start, size, first = g + 1, 0, row
+        elif path.endswith(".gz"):
+            add(uri=uri, fmt="jsonl")
+        else:
+            size = fs.get_file_info(path).size
+            for s in range(0, max(size, 1), piece_bytes):
+                add(uri=uri, fmt="jsonl", start=s, end=min(s + piece_bytes, size))
+    return pieces
+
+
+# reading one piece ------------------------------------------------------------------------------
+
+def _aligned_start(f: Any, start: int) -> int:
+    """The first line start at or after ``start`` (a line that began before belongs to the previous piece)."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    pos = start - 1
+    while buf := f.read(1 << 16):
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            return pos + nl + 1
+        pos += len(buf)
+    return pos
+
+
+def _where(piece: Piece, at: int) -> str:
+    """A row's location for messages: ``file:line`` for JSONL (``at`` is the line's index in the piece;
+    the lines before the piece are counted only now, when an error or a strict check needs them),
+    else ``file row r`` (``at`` is the file's row number)."""
+    if piece.fmt != "jsonl":
+        return f"{piece.uri} row {at}"
+    before = 0
+    if piece.start > 0:
+        fs, path = resolve(piece.uri)
+        with fs.open_input_file(path) as f:
+            left = _aligned_start(f, piece.start)
+            f.seek(0)
+            while left > 0 and (buf := f.read(min(left, 1 << 22))):
+                before += buf.count(b"\n")
+                left -= len(buf)
+    return f"{piece.uri}:{before + at + 1}"
+
+
+def _json_lines(piece: Piece) -> Iterator[list[tuple[int, bytes]]]:
+    """Chunks of (index in the piece, raw line) of the lines of a JSONL piece that start in [start, end)."""
+    fs, path = resolve(piece.uri)
+    whole = piece.end < 0
+    f = fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) if whole \
+        else fs.open_input_file(path)
+    with f:
+        pos = 0 if whole else _aligned_start(f, piece.start)
+        if not whole:
+            f.seek(pos)
+        rows: list[tuple[int, bytes]] = []
+        rest, n = b"", 0
+        while whole or pos < piece.end:
+            buf = f.read(1 << 22)
+            lines = (rest + buf).split(b"\n")
+            rest = lines.pop() if buf else b""
+            for raw in lines:
+                if not whole and pos >= piece.end:
+                    break
+                rows.append((n, raw))
+                n += 1
+                pos += len(raw) + 1
+            if len(rows) >= CHUNK_ROWS or not buf:
+                yield rows
+                rows = []
+            if not buf:
+                break
+        if rows:
+            yield rows
+
+
+def _records(piece: Piece) -> Iterator[list[tuple[int, Any]]]:
+    """Chunks of (at, record) of a piece; ``at`` locates each row for ``_where``."""
+    if piece.fmt == "jsonl":
+        for chunk in _json_lines(piece):
+            out = []
+            for at, raw in chunk:
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{_where(piece, at)}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                try:
+                    out.append((at, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{_where(piece, at)}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield out
+        return
+    fs, path = resolve(piece.uri)
+    if piece.fmt == "parquet":
+        try:
+            pf = pq.ParquetFile(fs.open_input_file(path))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorpusError(f"{piece.uri}: not a readable Parquet file ({e})") from None
+        batches = pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=range(piece.start, piece.end))
+    else:
+        try:
+            batches = pa.ipc.open_stream(fs.open_input_stream(path))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorpusError(f"{piece.uri}: not a readable Arrow shard ({e})") from None
+    row = piece.first_row
+    for b in batches:
+        rows = b.to_pylist()
+        yield list(zip(range(row, row + len(rows)), rows))
+        row += len(rows)
+
+
+def records(cfg: CorpusConfig) -> Iterator[tuple[str, Any]]:
+    """Every raw record of the corpus in input order, with where it is (``file:line`` or ``file row r``);
+    in this process, for small inputs (evaluation sets) and checks."""
+    fmt, files = discover(cfg)
+    for piece in plan_pieces(fmt, files, 1 << 62):
+        for chunk in _records(piece):
+            for at, rec in chunk:
+                yield _where(piece, at), rec
+
+
+# normalising one row ----------------------------------------------------------------------------
+
+class RowError(ValueError):
+    """A malformed record; the caller adds where it is."""
+
+
+def row_id(source: str, prompt: str, response: str) -> str:
+    """The id derived from a row's content when the corpus gives none (``response``: a chat row's JSON)."""
+    return hashlib.sha1("\x1f".join((source, prompt, response)).encode()).hexdigest()[:20]
+
+
+def _conversation(turns: Any, col: str) -> list[dict]:
+    """``{role, content}`` turns of a messages or ShareGPT (``{from, value}``) column."""
+    if not isinstance(turns, list) or not turns or not all(isinstance(m, dict) for m in turns):
+        raise RowError(f"field {col!r} must be a non-empty list of {{role, content}} (or ShareGPT {{from, value}}) "
+                       "objects")
+    out = []
+    for i, m in enumerate(turns):
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role not in ROLES:
+            raise RowError(f"field {col!r} turn {i} has role {role!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"field {col!r} turn {i} content must be a string, got {type(content).__name__}")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _chat_drop(conv: list[dict]) -> str | None:
+    answers = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    if not answers or any(not conv[i]["content"].strip() for i in answers):
+        return "empty_response"
+    asks = [m for m in conv if m["role"] != "assistant"]
+    if not any(m["role"] != "assistant" for m in conv[:answers[0]]) or any(not m["content"].strip() for m in asks):
+        return "empty_prompt"
+    return None
+
+
+def normalise(rec: Any, cfg: CorpusConfig) -> dict:
+    """One record as ``{id, source, prompt, response, messages, drop}``: ``messages`` the JSON of a chat
+    row's turns (else None); ``drop`` the reason the row is dropped (empty prompt or response) or None.
+    A malformed record raises RowError.
+
+    A chat row (a ``corpus.messages`` or ``conversations`` column, and no prompt column) has as
+    ``prompt`` and ``response`` its last asking turn before its last assistant turn, and that turn.
+    With the default column names and no ``prompt`` column, the pairs of ``SCHEMAS`` are tried.
     """
-    from .layout import exists, write_parquet_atomic
+    if not isinstance(rec, dict):
+        raise RowError(f"expected a JSON object, got {type(rec).__name__}")
+    chat_col = next((c for c in (cfg.messages, "conversations") if rec.get(c) is not None), None)
+    messages = drop = None
+    if chat_col is not None and cfg.prompt not in rec:
+        conv = _conversation(rec[chat_col], chat_col)
+        drop = _chat_drop(conv)
+        answers = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+        last = answers[-1] if answers else len(conv)
+        prompt = next((m["content"] for m in reversed(conv[:last]) if m["role"] != "assistant"), "")
+        response = conv[last]["content"] if answers else ""
+        messages = json.dumps(conv, ensure_ascii=False)
+    else:
+        pcol, rcol = cfg.prompt, cfg.response
+        if pcol not in rec and (pcol, rcol) == ("prompt", "response"):  # another tool's own schema
+            pcol, rcol = next(((a, b) for a, b in SCHEMAS if a in rec and b in rec), (pcol, rcol))
+        for col in (pcol, rcol):
+            if col not in rec:
+                raise RowError(f"missing field {col!r} (fields: {sorted(rec)}); set corpus.prompt / corpus.response "
+                               f"to map columns, or give a {cfg.messages!r} chat column")
+        prompt, response = rec[pcol], rec[rcol]
+        for name, val in ((pcol, prompt), (rcol, response)):
+            if not isinstance(val, str):
+                raise RowError(f"field {name!r} must be a string, got {type(val).__name__}")
+        if pcol == "instruction" and isinstance(rec.get("input"), str) and rec["input"].strip():
+            prompt = f"{prompt}\n\n{rec['input']}"  # Alpaca: the instruction, then its input
+        drop = "empty_prompt" if not prompt.strip() else "empty_response" if not response.strip() else None
+    source = rec.get(cfg.source)
+    source = cfg.default_source if source is None or source == "" else str(source)
+    rid = rec.get(cfg.id)
+    rid = row_id(source, "" if messages else prompt, messages or response) if rid is None or rid == "" else str(rid)
+    return {"id": rid, "source": source, "prompt": prompt, "response": response, "messages": messages, "drop": drop}
+
+
+def normalised(cfg: CorpusConfig) -> Iterator[tuple[str, dict]]:
+    """``(where, normalised row)`` of every record in input order, in this process (``records``)."""
+    for where, rec in records(cfg):
+        try:
+            yield where, normalise(rec, cfg)
+        except RowError as e:
+            raise CorpusError(f"{where}: {e}") from None
+
+
+def check_records(cfg: CorpusConfig) -> None:
+    """Read the whole corpus once and raise its first malformed record's CorpusError, if any."""
+    for _ in normalised(cfg):
+        pass
+
+
+def sample_texts(cfg: CorpusConfig, n: int, seed: int) -> list[str]:
+    """The text of a uniform sample of at most n rows (reservoir sampling over one pass, which also
+    checks every record), for training a tokenizer on the corpus."""
+    rng = np.random.default_rng(seed)
+    sample: list[str] = []
+    for i, (_, r) in enumerate(normalised(cfg)):
+        text = "\n".join(m["content"] for m in json.loads(r["messages"])) if r["messages"] else \
+            r["prompt"] + "\n" + r["response"]
+        if len(sample) < n:
+            sample.append(text)
+        elif (j := rng.integers(0, i + 1)) < n:
+            sample[j] = text
+    if not sample:
+        raise CorpusError(f"{cfg.path}: the corpus is empty")
+    return sample
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, chat_setting: str):
+    from .models import load_tokenizer
+    from .text import chat_template
+
+    tok = load_tokenizer(path)
+    return tok, chat_template(tok, chat_setting)
+
+
+def tokenize(tok: Any, chat: str | None, rows: list[dict], text: TextConfig, where: list[str]) -> dict[str, list]:
+    """``text.encode`` of normalised rows."""
+    from .text import encode
+
+    return encode(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                  [json.loads(r["messages"]) if r["messages"] else None for r in rows],
+                  template=text.template, chat=chat, max_length=text.max_length, where=where)
+
+
+def _row_hash(r: dict) -> bytes:
+    return hashlib.blake2b("\x1f".join((r["id"], r["source"], r["prompt"], r["response"], r["messages"] or ""))
+                           .encode(), digest_size=16).digest()
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """An 8-byte hash of each id (uint64), the same in every process."""
+    return np.frombuffer(b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids), np.uint64)
+
+
+class Drops:
+    """Rows dropped per reason: counts and the first few ids."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(DROP_REASONS, 0)
+        self.examples: dict[str, list[str]] = {r: [] for r in DROP_REASONS}
+
+    def add(self, reason: str, rid: str, n: int = 1) -> None:
+        self.counts[reason] += n
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(rid)
+
+    def merge(self, counts: dict, examples: dict) -> None:
+        for r in DROP_REASONS:
+            self.counts[r] += counts[r]
+            self.examples[r] = (self.examples[r] + examples[r])[:5]
+
+
+STRICT_MESSAGES = {
+    "empty_prompt": "the prompt is empty", "empty_response": "the response is empty", "duplicate_id": "duplicate id",
+    "no_response_tokens": "no response token is left after truncation to text.max_length (raise it or shorten the "
+                          "prompt)"}
+
+
+def strict_error(where: str, reason: str, rid: str) -> CorpusError:
+    return CorpusError(f"{where}: {STRICT_MESSAGES[reason]} (id {rid!r}); corpus.strict is true (false drops such "
+                       "rows and counts them)")
+
+
+def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: str, staging: str) -> dict:
+    """Ray task: parse, normalise and tokenise one piece into the Arrow IPC file ``staging``.
+
+    Returns its kept rows, drops, and the id hash of every kept row in order (for the
+    duplicate check across pieces). Within the piece, a repeated id is dropped here.
+    """
+    tok, chat = _tokenizer(tokenizer, text.chat_template)
+    fs, path = resolve(staging)
+    drops, seen, hashes, kept_rows = Drops(), set(), [], 0
+    pending = STAGED_SCHEMA.empty_table()
+
+    def drop(reason: str, at: int, rid: str) -> None:
+        if cfg.strict:
+            raise strict_error(_where(piece, at), reason, rid)
+        drops.add(reason, rid)
+
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as sink, pa.ipc.new_file(sink, STAGED_SCHEMA) as writer:
+        for chunk in _records(piece):
+            rows, ats = [], []
+            for at, rec in chunk:
+                try:
+                    r = normalise(rec, cfg)
+                except RowError as e:
+                    raise CorpusError(f"{_where(piece, at)}: {e}") from None
+                if r["drop"]:
+                    drop(r["drop"], at, r["id"])
+                elif r["id"] in seen:
+                    drop("duplicate_id", at, r["id"])
+                else:
+                    seen.add(r["id"])
+                    rows.append(r)
+                    ats.append(at)
+            if not rows:
+                continue
+            enc = tokenize(tok, chat, rows, text, [f"{piece.uri} row id {r['id']!r}" for r in rows])
+            keep = [i for i, n in enumerate(enc["n_response"]) if n > 0]
+            for i in sorted(set(range(len(rows))) - set(keep)):
+                drop("no_response_tokens", ats[i], rows[i]["id"])
+            if not keep:
+                continue
+            kept = [rows[i] for i in keep]
+            cols: dict[str, list] = {k: [r[k] for r in kept] for k in ("id", "source", "prompt", "response", "messages")}
+            cols |= {k: [enc[k][i] for i in keep] for k in ("input_ids", "spans", "n_response", "truncated")}
+            cols["n_tokens"] = [len(x) for x in cols["input_ids"]]
+            cols["at"] = [ats[i] for i in keep]
+            cols["row_hash"] = [_row_hash(r) for r in kept]
+            pending = pa.concat_tables([pending, pa.Table.from_pydict(cols, schema=STAGED_SCHEMA)])
+            full = pending.num_rows - pending.num_rows % STAGE_BATCH
+            for lo in range(0, full, STAGE_BATCH):  # whole batches: rows of batch i are [i, i + 1) * STAGE_BATCH
+                writer.write_batch(pending.slice(lo, STAGE_BATCH).combine_chunks().to_batches()[0])
+            pending = pending.slice(full)
+            hashes.append(id_hashes(cols["id"]))
+            kept_rows += len(kept)
+        if pending.num_rows:
+            writer.write_batch(pending.combine_chunks().to_batches()[0])
+    return {"piece": piece.number, "rows": kept_rows, "dropped": drops.counts, "examples": drops.examples,
+            "id_hash": np.concatenate(hashes) if hashes else np.empty(0, np.uint64)}
+
+
+# the corpus stage -------------------------------------------------------------------------------
+
+def _staged(run, piece: int) -> str:
+    return run.uri_of("corpus", "_staging", f"piece-{piece:05d}.arrow")
+
+
+def _ingest(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: str, run_uri: str, buckets: int):
+    """Ray task: ``ingest_piece`` into the run's staging folder; returns its statistics and then, as
+    ``buckets`` more objects, its rows' (id hash, position) records split by hash."""
+    from .layout import RunDir
+
+    stats = ingest_piece(piece, cfg, text, tokenizer, _staged(RunDir(run_uri), piece.number))
+    hashes = stats.pop("id_hash")
+    rec = np.empty(len(hashes), dtype=[("h", np.uint64), ("pos", np.int64)])
+    rec["h"], rec["pos"] = hashes, np.arange(len(hashes))
+    which = hashes % np.uint64(buckets)
+    return (stats, *[rec[which == b] for b in range(buckets)])
+
+
+def _read_staged(uri: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
+    """Staged rows [lo, hi) of a piece, reading only the record batches that hold them."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        reader = pa.ipc.open_file(f)
+        first, last = lo // STAGE_BATCH, min(reader.num_record_batches, -(-hi // STAGE_BATCH))
+        table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last)], schema=STAGED_SCHEMA)
+    table = table.slice(lo - first * STAGE_BATCH, hi - lo)
+    return table.select(columns) if columns else table
+
+
+def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, *buckets: np.ndarray) -> list[tuple[int, int]]:
+    """Ray task: among one bucket's id hashes from every piece (``buckets[p]``), the (piece, position)
+    of each row whose id an earlier row already has; equal hashes are confirmed on the staged ids."""
+    from .layout import RunDir
+
+    run = RunDir(run_uri)
+    piece_of = np.concatenate([np.full(len(b), p, np.int64) for p, b in enumerate(buckets)])
+    rec = np.concatenate(buckets)
+    order = np.lexsort((rec["pos"], piece_of, rec["h"]))  # by hash, then input order
+    h = rec["h"][order]
+    same = np.flatnonzero(h[1:] == h[:-1])
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for i in np.unique(np.concatenate([same, same + 1])):
+        groups.setdefault(int(h[i]), []).append((int(piece_of[order[i]]), int(rec["pos"][order[i]])))
+    out: list[tuple[int, int]] = []
+    for rows in groups.values():
+        first: dict[str, tuple[int, int]] = {}
+        for p, pos in rows:
+            row = _read_staged(_staged(run, p), pos, pos + 1, ["id", "at"]).to_pylist()[0]
+            if row["id"] not in first:
+                first[row["id"]] = (p, row["at"])
+            elif strict:
+                fp, fat = first[row["id"]]
+                raise CorpusError(f"{_where(pieces[p], row['at'])}: {STRICT_MESSAGES['duplicate_id']} {row['id']!r}, "
+                                  f"first at {_where(pieces[fp], fat)}; corpus.strict is true (false drops such rows "
+                                  "and counts them)")
+            else:
+                out.append((p, pos))
+    return out
+
+
+def _write_part(run_uri: str, n: int, start: int, segments: list[tuple[int, int, int, list[int]]]) -> dict:
+    """Ray task: corpus part n (global rows from ``start``) from staged piece segments
+    ``(piece, lo, hi, dropped positions)``; returns its statistics and content digest."""
+    from .layout import RunDir
+
+    run = RunDir(run_uri)
+    tables = []
+    for p, lo, hi, dropped in segments:
+        t = _read_staged(_staged(run, p), lo, hi)
+        if dropped:
+            t = t.filter(pa.array(~np.isin(np.arange(lo, hi), dropped)))
+        tables.append(t)
+    t = pa.concat_tables(tables)
+    digest = hashlib.sha256(b"".join(t.column("row_hash").to_pylist())).hexdigest()
+    stored = t.drop_columns(["at", "row_hash"]).add_column(
+        0, "idx", pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
+    write_parquet_atomic(run.fs, run.corpus_part(n), stored.select(STORED_SCHEMA.names).cast(STORED_SCHEMA))
+    return {"part": n, "rows": t.num_rows, "digest": digest, "tokens": int(pc.sum(t.column("n_tokens")).as_py() or 0),
+            "truncated": int(pc.sum(t.column("truncated")).as_py() or 0),
+            "sources": {s["values"]: s["counts"] for s in pc.value_counts(t.column("source")).to_pylist()}}
+
+
+def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> list[tuple[int, list]]:
+    """For each part of ``part_rows`` rows (the last shorter): its first global row and its piece
+    segments ``(piece, staged lo, staged hi, dropped positions in it)``; ``kept[p]`` counts piece
+    p's staged rows, ``drops[p]`` lists the staged positions dropped as later duplicates."""
+    final = [k - len(drops.get(p, ())) for p, k in enumerate(kept)]
+    offsets = np.concatenate([[0], np.cumsum(final)]).astype(np.int64)
+    total = int(offsets[-1])
+
+    def staged_pos(p: int, f: int) -> int:  # staged position of piece p's f-th kept row
+        d = np.asarray(sorted(drops.get(p, ())), np.int64)
+        return f + int(np.searchsorted(d - np.arange(len(d)), f, side="right"))
+
+    parts = []
+    for start in range(0, total, part_rows):
+        end = min(start + part_rows, total)
+        segs = []
+        for p in range(int(np.searchsorted(offsets, start, side="right")) - 1, len(kept)):
+            if offsets[p] >= end:
+                break
+            f0, f1 = max(start, offsets[p]) - offsets[p], min(end, offsets[p + 1]) - offsets[p]
+            if f0 < f1:
+                lo, hi = staged_pos(p, int(f0)), staged_pos(p, int(f1) - 1) + 1
+                segs.append((p, lo, hi, [d for d in drops.get(p, ()) if lo <= d < hi]))
+        parts.append((start, segs))
+    return parts
+
+
+def _get_in_order(refs: list) -> list:
+    """``ray.get`` of each ref in order, so the first failing item in input order is the one reported."""
+    import ray
+
+    try:
+        return [ray.get(r) for r in refs]
+    except BaseException:
+        for r in refs:
+            ray.cancel(r)
+        raise
+
+
+def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 8192,
+          piece_bytes: int = 32 << 20) -> dict:
+    """Read, normalise, tokenise and validate the corpus into ``<run>/corpus/``; returns its statistics.
+
+    Pieces of about ``piece_bytes`` are ingested by Ray tasks (spread over the cluster), then
+    cut into parts of ``part_rows`` rows with ``idx`` in input order. Nothing is recorded unless
+    the whole corpus is valid; a failed attempt leaves no corpus files.
+    """
+    import ray
 
     def clear() -> None:
         if exists(run.fs, run.corpus_dir):
             run.fs.delete_dir(run.corpus_dir)
 
-    ds = read(cfg, text, tokenizer)
-    ds.context.execution_options.preserve_order = True
+    fmt, files = discover(cfg)
+    pieces = plan_pieces(fmt, files, piece_bytes)
+    buckets = max(1, min(len(pieces), 32))
+    ingest = ray.remote(_ingest).options(num_cpus=1, num_returns=buckets + 1, scheduling_strategy="SPREAD")
     clear()
-    files: list[str] = []
-    pending: list[pa.Table] = []
-    n = 0  # rows written
-
-    def write(t: pa.Table) -> None:
-        nonlocal n
-        t = t.add_column(0, "idx", pa.array(np.arange(n, n + t.num_rows, dtype=np.int64)))
-        path = run.corpus_part(len(files))
-        write_parquet_atomic(run.fs, path, t.select(STORED_SCHEMA.names).cast(STORED_SCHEMA))
-        files.append(posixpath.basename(path))
-        n += t.num_rows
-
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # blocks of any size
-            pending.append(batch)
-            if sum(b.num_rows for b in pending) >= part_rows:
-                t = pa.concat_tables(pending)
-                whole = t.num_rows - t.num_rows % part_rows
-                for start in range(0, whole, part_rows):
-                    write(t.slice(start, part_rows))
-                pending = [t.slice(whole)] if whole < t.num_rows else []
-        if pending:
-            write(pa.concat_tables(pending))
-        table = pq.read_table([run.corpus_part(i) for i in range(len(files))], filesystem=run.fs,
-                              columns=["id", "source", "row_hash", "n_tokens", "n_response", "truncated"]) \
-            if files else pa.table({c: pa.array([], STORED_SCHEMA.field(c).type) for c in
-                                    ["id", "source", "row_hash", "n_tokens", "n_response", "truncated"]})
-        stats = validate(table, cfg.path)
+        outs = [ingest.remote(p, cfg, text, tokenizer, run.uri, buckets) for p in pieces]
+        results = _get_in_order([o[0] for o in outs])
+        find = ray.remote(_duplicates).options(num_cpus=1, scheduling_strategy="SPREAD")
+        drops: dict[int, list[int]] = {}
+        for found in _get_in_order([find.remote(pieces, run.uri, cfg.strict, *[o[1 + b] for o in outs])
+                                    for b in range(buckets)]):
+            for p, pos in found:
+                drops.setdefault(p, []).append(pos)
+        dropped = Drops()
+        for r in results:
+            dropped.merge(r["dropped"], r["examples"])
+        for p, positions in sorted(drops.items()):
+            for pos in sorted(positions):
+                dropped.add("duplicate_id", _read_staged(_staged(run, p), pos, pos + 1, ["id"]).column("id")[0].as_py())
+        write = ray.remote(_write_part).options(num_cpus=1, scheduling_strategy="SPREAD")
+        parts = _get_in_order([write.remote(run.uri, n, start, segs) for n, (start, segs) in
+                               enumerate(_segments([r["rows"] for r in results], drops, part_rows))])
+        if not parts:
+            raise CorpusError(f"{cfg.path}: the corpus is empty" + (
+                f" (every row was dropped: {_drop_summary(dropped)})" if sum(dropped.counts.values()) else ""))
+        run.fs.delete_dir(run.path("corpus", "_staging"))
     except BaseException:
         clear()
         raise
-    stats["files"] = files
-    return stats
+    sources: dict[str, int] = {}
+    for part in parts:
+        for s, c in part["sources"].items():
+            sources[s] = sources.get(s, 0) + c
+    return {"rows": sum(p["rows"] for p in parts), "pieces": len(pieces),
+            "files": [posixpath.basename(run.corpus_part(p["part"])) for p in parts],
+            "part_rows": [p["rows"] for p in parts],
+            "tokens": sum(p["tokens"] for p in parts), "truncated": sum(p["truncated"] for p in parts),
+            "sources": dict(sorted(sources.items())),
+            "dropped": dropped.counts, "dropped_ids": {k: v for k, v in dropped.examples.items() if v},
+            "fingerprint": hashlib.sha256("".join(p["digest"] for p in parts).encode()).hexdigest()[:32]}
+
+
+def _drop_summary(d: Drops) -> str:
+    return ", ".join(f"{n} {reason.replace('_', ' ')} (ids {d.examples[reason]})"
+                     for reason, n in d.counts.items() if n)
+
+
+def drop_summary(stats: dict) -> str:
+    """One line on the rows a corpus stage dropped, or "" when none was."""
+    d = Drops()
+    d.merge(stats["dropped"], {r: stats["dropped_ids"].get(r, []) for r in DROP_REASONS})
+    return _drop_summary(d)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .config import ConfigError, DemoConfig
+from .text import PLAIN_CHAT_TEMPLATE
 
 DEMO_ROOT = "runs/demo-data"  # where the jobs build the demo corpus and tokenizer by default
 EVAL_SEED_OFFSET = 10_000_000
@@ -70,12 +71,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: str):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    fast.chat_template = PLAIN_CHAT_TEMPLATE  # chat rows in the plain template's wording
     fast.save_pretrained(path)
     return fast
 
 
+FORMAT = 2  # of the files build() writes: a folder built by an earlier format is rebuilt
+
+
 def fingerprint(cfg: DemoConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.__dict__, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([FORMAT, cfg.__dict__], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -87,13 +92,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build(cfg: DemoConfig, root: str) -> dict[str, str]:
-    """Write ``train.jsonl``, ``eval.jsonl`` and ``tokenizer/`` under ``root`` (reused when present).
+    """Write ``train.jsonl``, ``eval.jsonl``, ``eval_gsm8k.jsonl`` (the ``gsm_symbolic`` held-out rows in
+    GSM8K's own schema: ``question``, ``answer`` ending in ``#### N``) and ``tokenizer/`` under
+    ``root`` (reused when present).
 
     Returns their paths. A folder built from another config is rebuilt.
     """
     base = Path(root)
     paths = {"train": str(base / "train.jsonl"), "eval": str(base / "eval.jsonl"),
-             "tokenizer": str(base / "tokenizer")}
+             "eval_gsm8k": str(base / "eval_gsm8k.jsonl"), "tokenizer": str(base / "tokenizer")}
     stamp = base / "demo.json"
     fp = fingerprint(cfg)
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
@@ -102,6 +109,8 @@ def build(cfg: DemoConfig, root: str) -> dict[str, str]:
     train, evaluation = generate(cfg)
     _write_jsonl(base / "train.jsonl", train)
     _write_jsonl(base / "eval.jsonl", evaluation)
+    _write_jsonl(base / "eval_gsm8k.jsonl", [{"question": r["prompt"], "answer": r["response"]}
+                                             for r in evaluation if r["source"] == "gsm_symbolic"])
     train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"])
     stamp.write_text(json.dumps({"fingerprint": fp, "train": len(train), "eval": len(evaluation)}))
     return paths

@@ -1,36 +1,35 @@
 """Evaluation: greedy generation with a Ray Data actor pool, exact match of the final answer, response loss.
 
-The final answer of a text is what follows its last ``####`` (first line only), else its last
-number. Two answers match when both parse as numbers and are equal (``12.50`` = ``12.5``,
-``1,000`` = ``1000``, ``3/4`` = ``0.75`` = ``\\frac{3}{4}``; ``$``, ``%`` and a trailing period
-ignored), or else when their normalised strings are equal (case, spaces and the spelling of
-multiplication, ``×`` ``\\times`` ``*`` or ``x`` between digits, ignored). The loss is the
-teacher-forced mean cross-entropy over each row's response tokens (as in the selection stage),
-averaged over rows. Outputs, in ``<output>/``: ``metrics.json``, ``metrics.md`` (one table, per
-source and overall) and ``predictions.jsonl``.
+Rows are read like a training corpus (``corpus.normalise``: prompt/response, GSM8K's
+``question``/``answer``, MATH's ``problem``/``solution``, or chat ``messages``) and tokenised by
+the same ``text.encode`` as in training: the model is given the ids before the last response,
+so a chat-formatted set prompts an instruct model through its chat template. Generation stops
+at every EOS id of the model's generation config and at ``stop`` strings (default: the plain
+template's question prefix, ``Question:``). The gold answer is the ``answer`` column or else
+the response, read by ``answers.extract_gold`` (after ``####``, in ``\\boxed{}``, or a short
+response as it is); the prediction by ``answers.extract_prediction``; they are compared by
+``answers.answers_match``. The loss is the teacher-forced mean cross-entropy over each row's
+response tokens (as in the selection stage), averaged over rows. Outputs, in ``<output>/``:
+``metrics.json``, ``metrics.md`` (one table, per source and overall) and ``predictions.jsonl``.
 """
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import math
 import os
-import re
 import time
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import EvaluateConfig, to_dict
+from .answers import answers_match, extract_gold, extract_prediction
+from .config import EvaluateConfig, TextConfig, to_dict
 
-_NUMBER = re.compile(r"-?\$?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?%?")
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
-_LATEX_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+LONG = 1 << 30  # a max_length that cuts nothing: prompts are cut from the left instead
 
 
 class EvaluateError(ValueError):
@@ -41,64 +40,18 @@ def log(msg: str) -> None:
     print(f"[evaluate {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def extract_answer(text: str) -> str:
-    """The text after the last ``####`` (its first line), else the last number in ``text``, else ``""``."""
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
-    numbers = _NUMBER.findall(text.replace("−", "-"))
-    return numbers[-1].strip().rstrip(".") if numbers else ""
+def end_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: the model's generation config's EOS ids and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in ids else ids
 
 
-def _clean(text: str) -> str:
-    s = _LATEX_FRAC.sub(r"\1/\2", text.strip())
-    s = s.replace("−", "-").replace("\\!", "").replace("\\,", "")
-    s = s.strip("$ ").rstrip(".").strip()
-    return s
+def stop_strings(cfg: EvaluateConfig) -> list[str]:
+    """``cfg.stop``, or the plain template's text before ``{prompt}`` when none is given."""
+    from .text import stop_prefix
 
-
-def parse_number(text: str) -> Fraction | None:
-    """``text`` as an exact number (integer, decimal, fraction, thousands commas, ``$``, ``%``), else None."""
-    s = _clean(text).replace("$", "").replace(" ", "")
-    if s.endswith("%"):
-        s = s[:-1]
-    if "," in s:
-        if not _THOUSANDS.fullmatch(s):
-            return None
-        s = s.replace(",", "")
-    if not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(/[-+]?\d+)?", s):
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def normalize_text(text: str) -> str:
-    """A non-numeric answer for comparison: lower case, no spaces, one spelling of multiplication."""
-    s = _clean(text).lower().replace("\\times", "*").replace("×", "*").replace("·", "*")
-    s = re.sub(r"(?<=\d)\s*x\s*(?=\d)", "*", s)
-    return re.sub(r"\s+", "", s)
-
-
-def answers_match(prediction: str, gold: str) -> bool:
-    """Exact match of two final answers: numerically when both are numbers, else as normalised strings."""
-    p, g = parse_number(prediction), parse_number(gold)
-    if p is not None and g is not None:
-        return p == g
-    return bool(normalize_text(gold)) and normalize_text(prediction) == normalize_text(gold)
-
-
-def response_losses(model: torch.nn.Module, tokenizer: Any, prompts: list[str], responses: list[str], template: str,
-                    max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row teacher-forced mean cross-entropy over response tokens (NaN when none) and token counts."""
-    from .scoring import example_losses
-    from .text import collate, tokenize_batch
-
-    enc = tokenize_batch(tokenizer, prompts, responses, template, max_length)
-    b = collate(enc["input_ids"], enc["labels"], tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    loss, _, n = example_losses(model, b["input_ids"].to(device), b["labels"].to(device))
-    return loss.float().cpu().numpy(), n.cpu().numpy()
+    return list(cfg.stop) if cfg.stop else [s for s in [stop_prefix(cfg.text.template)] if s]
 
 
 class Evaluator:
@@ -108,14 +61,16 @@ class Evaluator:
     ordered by model load each one once per actor.
     """
 
-    def __init__(self, tokenizer_dir: str, template: str, max_length: int, max_new_tokens: int, use_gpu: bool,
+    def __init__(self, tokenizer_dir: str, text: TextConfig, max_new_tokens: int, stop: list[str], use_gpu: bool,
                  bf16: bool):
         from .models import load_tokenizer
+        from .text import chat_template
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.template, self.max_length, self.max_new_tokens = template, max_length, max_new_tokens
+        self.chat = chat_template(self.tokenizer, text.chat_template)
+        self.text, self.max_new_tokens, self.stop = text, max_new_tokens, stop
         self.model_dir, self.model = "", None
 
     def _use(self, model_dir: str) -> None:
@@ -126,32 +81,40 @@ class Evaluator:
             self.model_dir = model_dir
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str]) -> list[str]:
-        """Greedy completions of left-padded prompts (a prompt keeps its last max_length - max_new_tokens tokens)."""
-        from .text import format_prompt
-
+    def generate(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy completions of left-padded prompt ids (each keeps its last max_length - max_new_tokens)."""
         tok = self.tokenizer
-        keep = max(1, self.max_length - self.max_new_tokens)
-        ids = [x[-keep:] for x in tok([format_prompt(self.template, p) for p in prompts],
-                                      add_special_tokens=False)["input_ids"]]
+        keep = max(1, self.text.max_length - self.max_new_tokens)
+        ids = [x[-keep:] for x in prompts]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                   do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
+                                  eos_token_id=end_ids(self.model, tok), stop_strings=self.stop or None,
+                                  tokenizer=tok)
         return tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
     def _score(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        prompts, responses = [str(x) for x in batch["prompt"]], [str(x) for x in batch["response"]]
-        generations = self.generate(prompts)
-        loss, n = response_losses(self.model, self.tokenizer, prompts, responses, self.template, self.max_length)
-        predictions = [extract_answer(g) for g in generations]
+        from .corpus import tokenize
+        from .scoring import example_losses
+        from .text import collate, labels_from, prompt_ids
+
+        rows = [{"prompt": str(p), "response": str(r), "messages": m if isinstance(m, str) and m else None}
+                for p, r, m in zip(batch["prompt"], batch["response"], batch["messages"])]
+        where = [str(w) for w in batch["where"]]
+        full = tokenize(self.tokenizer, self.chat, rows, replace(self.text, max_length=LONG), where)
+        generations = self.generate([prompt_ids(ids, sp) for ids, sp in zip(full["input_ids"], full["spans"])])
+        enc = tokenize(self.tokenizer, self.chat, rows, self.text, where)
+        b = collate(enc["input_ids"], [labels_from(x, sp) for x, sp in zip(enc["input_ids"], enc["spans"])],
+                    self.tokenizer.pad_token_id)
+        loss, _, n = example_losses(self.model, b["input_ids"].to(self.device), b["labels"].to(self.device))
+        predictions = [extract_prediction(g, self.stop) for g in generations]
         return {"model": [str(x) for x in batch["model"]], "index": batch["index"].tolist(),
                 "id": [str(x) for x in batch["id"]], "source": [str(x) for x in batch["source"]],
                 "gold": [str(x) for x in batch["gold"]], "prediction": predictions, "generation": generations,
                 "correct": [answers_match(p, str(g)) for p, g in zip(predictions, batch["gold"])],
-                "loss": loss.tolist(), "n_response": n.tolist()}
+                "loss": loss.float().cpu().tolist(), "n_response": n.cpu().tolist()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         models = batch["model"]
@@ -164,63 +127,31 @@ class Evaluator:
         return out
 
 
-def _records(path: str) -> list[tuple[str, dict]]:
-    """(where, row) pairs of one file or folder: JSONL (.gz), Parquet or a datasets.save_to_disk dir."""
-    from .config import CorpusConfig
-    from .corpus import CorpusError, discover
+def load_rows(path: str, cfg: EvaluateConfig) -> list[dict]:
+    """Evaluation rows (index, id, source, prompt, response, messages, gold, where), the first ``cfg.limit``."""
+    from .corpus import CorpusError, RowError, normalise, records
 
+    rows = []
     try:
-        fmt, files = discover(CorpusConfig(path=path))
+        for where, rec in records(replace(cfg.corpus, path=path)):
+            try:
+                r = normalise(rec, cfg.corpus)
+            except RowError as e:
+                raise EvaluateError(f"{where}: {e}") from None
+            if r["drop"]:
+                raise EvaluateError(f"{where}: {r['drop'].replace('_', ' ')}: an evaluation row needs a prompt and "
+                                    "a reference response")
+            given = rec.get(cfg.answer)
+            gold = extract_gold(str(given)) if given is not None and str(given).strip() else extract_gold(r["response"])
+            if not gold:
+                raise EvaluateError(f"{where}: no gold answer: add an {cfg.answer!r} field, or end the response "
+                                    "with '#### <answer>' or a \\boxed{} answer")
+            rows.append({"index": len(rows), "id": r["id"], "source": r["source"], "prompt": r["prompt"],
+                         "response": r["response"], "messages": r["messages"], "gold": gold, "where": where})
+            if cfg.limit and len(rows) == cfg.limit:
+                break
     except CorpusError as e:
         raise EvaluateError(f"evaluation data: {e}") from None
-    out: list[tuple[str, dict]] = []
-    for f in files:
-        if fmt == "jsonl":
-            opener = gzip.open if f.endswith(".gz") else open
-            with opener(f, "rt", encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if line.strip():
-                        try:
-                            out.append((f"{f}:{lineno}", json.loads(line)))
-                        except json.JSONDecodeError as e:
-                            raise EvaluateError(f"{f}:{lineno}: malformed JSON ({e.msg})") from None
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            out += [(f"{f} row {i}", r) for i, r in enumerate(pq.read_table(f).to_pylist())]
-        else:
-            import datasets
-
-            d = datasets.load_from_disk(f)
-            d = d["test"] if isinstance(d, datasets.DatasetDict) and "test" in d else d
-            if isinstance(d, datasets.DatasetDict):
-                raise EvaluateError(f"{f}: dataset dict without a 'test' split (splits: {list(d)})")
-            out += [(f"{f} row {i}", r) for i, r in enumerate(d.to_list())]
-    return out
-
-
-def load_rows(path: str, cfg: EvaluateConfig) -> list[dict]:
-    """Evaluation rows (index, id, source, prompt, response, gold), the first ``cfg.limit`` when set."""
-    c = cfg.corpus
-    rows = []
-    for where, r in _records(path):
-        if not isinstance(r, dict):
-            raise EvaluateError(f"{where}: expected an object, got {type(r).__name__}")
-        for col in (c.prompt, c.response):
-            if not isinstance(r.get(col), str) or not r[col].strip():
-                raise EvaluateError(f"{where}: field {col!r} is missing or not a non-empty string (fields: "
-                                    f"{sorted(r)}); map columns with corpus.prompt / corpus.response")
-        given = r.get(cfg.answer)
-        gold = str(given).strip() if given is not None and str(given).strip() else extract_answer(r[c.response])
-        if not gold:
-            raise EvaluateError(f"{where}: no gold answer: add an {cfg.answer!r} field or end the response "
-                                "with '#### <answer>'")
-        source = r.get(c.source)
-        rows.append({"index": len(rows), "id": str(r.get(c.id, len(rows))),
-                     "source": c.default_source if source in (None, "") else str(source),
-                     "prompt": r[c.prompt], "response": r[c.response], "gold": gold})
-        if cfg.limit and len(rows) == cfg.limit:
-            break
     if not rows:
         raise EvaluateError(f"{path}: no evaluation rows")
     return rows
@@ -304,8 +235,7 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     ds = ds.map_batches(
         Evaluator, batch_size=batch, batch_format="numpy",
         fn_constructor_kwargs=dict(tokenizer_dir=os.path.abspath(cfg.text.tokenizer or paths[0][0]),
-                                   template=cfg.text.template,
-                                   max_length=cfg.text.max_length, max_new_tokens=cfg.max_new_tokens,
+                                   text=cfg.text, max_new_tokens=cfg.max_new_tokens, stop=stop_strings(cfg),
                                    use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu)),
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor if use_gpu else 0)

@@ -22,7 +22,6 @@ padding, but batches of similar rows (off by default: on the CPU benchmark it co
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,10 +33,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import ConfigError, DemoConfig, FinetuneConfig, from_dict, to_dict
+from .layout import stage_key
 from .models import resolve_bf16, resolve_gpu
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -101,7 +100,11 @@ def demo_paths() -> dict[str, str]:
 
 
 def resolve_data(cfg: FinetuneConfig) -> str:
-    """The training data: a selection run dir's selected rows, or ``corpus.path`` itself."""
+    """The training data: the selection a run directory's manifest names, or ``corpus.path`` itself.
+
+    In a selection run directory the file is the one its last selection wrote for ``budget``
+    (required when it wrote several), never guessed from the files present.
+    """
     from .layout import RunDir, exists, resolve
 
     path = cfg.corpus.path
@@ -116,36 +119,45 @@ def resolve_data(cfg: FinetuneConfig) -> str:
             raise FinetuneError(f"budget={cfg.budget} picks a selection inside a run directory; {path} is a file")
         return path
     run = RunDir(path)
-    if cfg.budget:
-        chosen = run.selected_jsonl(cfg.budget)
-        if not exists(fs, chosen):
-            raise FinetuneError(f"{path} has no selected-{cfg.budget}.jsonl (selections: {_selections(run)})")
-        return run.uri_of(os.path.basename(chosen))
-    if exists(fs, run.selected_jsonl()):
-        return run.uri_of("selected.jsonl")
-    if several := _selections(run):
-        raise FinetuneError(f"{path} holds several selections {several}; choose one with --budget")
-    if exists(fs, run.manifest):
-        raise FinetuneError(f"{path} is a selection run without selected.jsonl: the selection has not finished")
-    return path
-
-
-def _selections(run) -> list[str]:
-    from pyarrow.fs import FileSelector
-
-    return sorted(os.path.basename(i.path) for i in run.fs.get_file_info(FileSelector(run.root))
-                  if os.path.basename(i.path).startswith("selected"))
+    manifest = run.read_manifest()
+    if not manifest:
+        if cfg.budget:
+            raise FinetuneError(f"budget={cfg.budget} picks a selection inside a run directory; {path} has no "
+                                "manifest.json")
+        return path  # a folder of corpus shards
+    budgets = list((manifest.get("selection") or {}).get("budgets", {}))
+    if not budgets:
+        raise FinetuneError(f"{path} is a selection run whose selection has not finished (no selection in its "
+                            "manifest.json): rerun jobs/select.py")
+    if cfg.budget and str(cfg.budget) not in budgets:
+        raise FinetuneError(f"{path} has no selection of budget {cfg.budget} (its selection: {', '.join(budgets)})")
+    if not cfg.budget and len(budgets) > 1:
+        raise FinetuneError(f"{path} holds selections of budgets {', '.join(budgets)}; choose one with --budget")
+    chosen = run.selected_jsonl(cfg.budget if len(budgets) > 1 else None)
+    if not exists(fs, chosen):
+        raise FinetuneError(f"{chosen} is missing although {run.manifest} records it")
+    return run.uri_of(os.path.basename(chosen))
 
 
 def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
     """``cfg`` with absolute local model and tokenizer dirs (workers run elsewhere), both checked.
 
-    The tokenizer is ``text.tokenizer``, else the model's, else the demo's.
+    The tokenizer is ``text.tokenizer``, else the model's. Without a model, a fresh ``preset``
+    model is trained from scratch: for the demo (its tokenizer) or with a tokenizer given; a
+    selection of the user's own corpus needs ``--model`` (the target), and is refused without.
     """
+    from .layout import RunDir
     from .models import load_tokenizer
 
     if cfg.model and not Path(cfg.model, "config.json").is_file():
         raise FinetuneError(f"model directory {cfg.model} has no config.json (not a Hugging Face model dir)")
+    if not cfg.model and not cfg.text.tokenizer:
+        path = cfg.corpus.path
+        if not (path == demo_paths()["train"] or ("://" not in path and os.path.isdir(path)
+                                                  and RunDir(path).read_manifest().get("demo"))):
+            raise FinetuneError(f"{path} was selected from your own corpus: pass --model with the target model to "
+                                "fine-tune (a Hugging Face model dir); without one, only the built-in demo trains a "
+                                f"fresh {cfg.preset!r} model")
     tokenizer = os.path.abspath(cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"])
     load_tokenizer(tokenizer)
     return replace(cfg, model=cfg.model and os.path.abspath(cfg.model), text=replace(cfg.text, tokenizer=tokenizer))
@@ -193,34 +205,17 @@ def _autos(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "auto" else []
 
 
-def load_rows(cfg: FinetuneConfig, data: str):
-    """The trainable rows (prompt, response) as a materialised Ray Dataset in input order; and statistics.
+def store_rows(cfg: FinetuneConfig, data: str, out: Path) -> dict:
+    """The training rows tokenised with the target's tokenizer into ``<out>/corpus/`` (``corpus.store``:
+    rows with no response token left are dropped and counted); returns its statistics."""
+    from .corpus import drop_summary, store
+    from .layout import RunDir
 
-    Rows left with no response token after truncation to ``text.max_length`` are dropped.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from .corpus import read
-
-    ds = read(replace(cfg.corpus, path=data), cfg.text, cfg.text.tokenizer)
-    ds.context.execution_options.preserve_order = True
-    ds = ds.select_columns(["id", "prompt", "response", "n_response"]).materialize()
-    total = ds.count()
-
-    def trainable(t: pa.Table) -> pa.Table:
-        return t.filter(pc.greater(t["n_response"], 0)).select(["prompt", "response"])
-
-    ids = hashlib.sha256()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        ids.update("\n".join(batch.column("id").to_pylist()).encode() + b"\n")
-    kept = ds.map_batches(trainable, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
-    kept.context.execution_options.preserve_order = True
-    kept = kept.materialize()
-    rows = kept.count()
-    if rows == 0:
-        raise FinetuneError(f"{data}: no row has response tokens within text.max_length={cfg.text.max_length}")
-    return kept, {"rows": rows, "dropped_no_response": total - rows, "ids_sha256": ids.hexdigest()[:32]}
+    stats = store(RunDir(str(out)), replace(cfg.corpus, path=data), cfg.text, cfg.text.tokenizer,
+                  part_rows=cfg.corpus.part_rows, piece_bytes=int(cfg.corpus.piece_mb * 2**20))
+    if dropped := drop_summary(stats):
+        log(f"dropped {sum(stats['dropped'].values())} rows: {dropped}")
+    return stats
 
 
 def latest_checkpoint(output: str) -> dict | None:
@@ -298,26 +293,6 @@ def _save(engine, tokenizer, rank: int, zero_stage: int, state: dict, final: boo
                          checkpoint_dir_name=f"step-{state['step']:07d}")
 
 
-def _micro_batches(shard, tokenizer, cfg: FinetuneConfig, epoch: int, rank: int):
-    """One epoch of this worker's shard as tokenised micro-batches ``(input_ids, labels)``.
-
-    Rows come shuffled in windows of ``length_window`` micro-batches; each window is grouped
-    by length (``text.group_by_length``), seeded by (seed, epoch, rank) so that a resumed
-    attempt sees the same order. The count is ``ceil(rows / micro_batch_size)`` for any window.
-    """
-    from .text import group_by_length, tokenize_batch
-
-    rng = np.random.default_rng([cfg.seed, epoch, rank])
-    windows = shard.iter_batches(batch_size=cfg.micro_batch_size * cfg.length_window, batch_format="numpy",
-                                 local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                 local_shuffle_seed=cfg.seed + 7919 * epoch)
-    for w in windows:
-        enc = tokenize_batch(tokenizer, list(w["prompt"]), list(w["response"]), cfg.text.template,
-                             cfg.text.max_length)
-        for mb in group_by_length([len(x) for x in enc["input_ids"]], cfg.micro_batch_size, rng):
-            yield [enc["input_ids"][j] for j in mb], [enc["labels"][j] for j in mb]
-
-
 def _write_model(engine, tokenizer, rank: int, zero_stage: int, state: dict, out: Path) -> None:
     """The gathered model into ``out/model`` and the trainer state beside it (rank 0; a collective)."""
     full = gathered_state_dict(engine.module, zero_stage, rank)
@@ -349,32 +324,35 @@ def train_loop(loop: dict) -> None:
     """
     if not loop["use_gpu"]:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported in this process
-    import ray.train
 
     report = len(loop["jobs"]) == 1
     for job in loop["jobs"]:
         if not report and _written(job["output"], job["plan"]):
             continue
-        _train(job, ray.train.get_dataset_shard(job["dataset"]), report)
+        _train(job, report)
 
 
-def _train(job: dict, shard, report: bool) -> None:
-    """One DeepSpeed fine-tuning run on this worker's shard of its rows."""
+def _train(job: dict, report: bool) -> None:
+    """One DeepSpeed fine-tuning run on this worker's share of its rows (``batches``: a fresh seeded
+    permutation each epoch; a resumed run continues at the micro-batch where its checkpoint was)."""
     import gc
 
     import deepspeed
     import ray.train
     from transformers import get_scheduler
 
+    from . import batches
     from .models import build_model, load_model, load_tokenizer
-    from .text import collate
+    from .text import collate, labels_from
 
     cfg = from_dict(FinetuneConfig, job["cfg"])
     plan = Plan(**job["plan"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     started = time.time()
+    rows = batches.Rows(job["data"])
     tokenizer = load_tokenizer(cfg.text.tokenizer)
     model = load_model(cfg.model) if cfg.model else build_model(cfg.preset, tokenizer, cfg.seed, cfg.text.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -403,11 +381,14 @@ def _train(job: dict, shard, report: bool) -> None:
     engine.train()
     for epoch in range(step // spe, cfg.epochs):
         skip, used = (step - epoch * spe) * gas, spe * gas
-        acc, seen = 0.0, 0
-        for i, (ids, labels) in enumerate(_micro_batches(shard, tokenizer, cfg, epoch, rank)):
-            seen += 1  # drained to the end: every rank ends the epoch together
-            if not skip <= i < used:
-                continue
+        acc = 0.0
+        positions = batches.epoch_positions(job["data"].n, cfg.seed, epoch, rank, world)
+        micro = batches.iterate(rows, positions, cfg.micro_batch_size, start=skip, windows=cfg.length_window,
+                                group_seed=(cfg.seed, epoch, rank))
+        for i, (ids, spans) in enumerate(micro, start=skip):
+            if i >= used:
+                break
+            labels = [labels_from(x, sp) for x, sp in zip(ids, spans)]
             b = {k: v.to(engine.device) for k, v in collate(ids, labels, tokenizer.pad_token_id).items()}
             loss = engine(**b, use_cache=False).loss
             engine.backward(loss)
@@ -430,8 +411,8 @@ def _train(job: dict, shard, report: bool) -> None:
             elif final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 _save(engine, tokenizer, rank, cfg.zero_stage, state, final)
         if step != (epoch + 1) * spe:
-            raise FinetuneError(f"rank {rank} got {seen} micro-batches in epoch {epoch}, fewer than the "
-                                f"{used} planned from {plan.rows_per_worker} rows per worker")
+            raise FinetuneError(f"rank {rank} ended epoch {epoch} at step {step}, not at the planned "
+                                f"{(epoch + 1) * spe} ({plan.rows_per_worker} rows per worker)")
     del engine, model, optimizer
     gc.collect()
 
@@ -446,7 +427,7 @@ def _config_key(cfg: FinetuneConfig) -> str:
                  "gpus_per_worker"):
         fields.pop(perf)
     fields["corpus"].pop("path")
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return stage_key(fields)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -471,8 +452,10 @@ def _copy_model(checkpoint, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _prepare(cfg: FinetuneConfig) -> tuple[dict, Any]:
-    """Check one run and read its rows: its finetune.json record and its Ray Dataset (None when already done)."""
+def _prepare(cfg: FinetuneConfig) -> tuple[dict, bool]:
+    """Check one run and store its rows: its finetune.json record, and whether it still needs training."""
+    from .corpus import input_fingerprint
+
     if "://" in cfg.output:
         raise ConfigError(f"output must be a local or shared-filesystem path (the model is written there), "
                           f"not {cfg.output!r}")
@@ -488,28 +471,32 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, Any]:
     if previous and previous.get("key") != key:
         raise FinetuneError(f"{out} holds a fine-tuning run with another config ({summary_path}); "
                             "use a new --output or delete that directory")
-    log(f"reading {data}")
-    ds, stats = load_rows(cfg, data)
-    if previous and previous.get("ids_sha256") != stats["ids_sha256"]:
-        raise FinetuneError(f"{out} holds a fine-tuning run of other data than {data} ({summary_path}); "
-                            "use a new --output or delete that directory")
+    data_key = stage_key(input_fingerprint(replace(cfg.corpus, path=data)), to_dict(cfg.text))
+    if previous and previous.get("data_key") == data_key and (out / "corpus").is_dir():
+        stats = previous["data_stats"]
+    else:
+        log(f"reading {data}")
+        stats = store_rows(cfg, data, out)
+        if previous and previous.get("data_stats", {}).get("fingerprint") != stats["fingerprint"]:
+            raise FinetuneError(f"{out} holds a fine-tuning run of other data than {data} ({summary_path}); "
+                                "use a new --output or delete that directory")
     if previous and previous.get("status") == "done" and (out / "model" / "config.json").is_file():
         log(f"already fine-tuned: {out / 'model'}")
-        return previous, None
+        return previous, False
     plan = make_plan(stats["rows"], cfg)
     resume = latest_checkpoint(str(out))
-    summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data,
-               "use_gpu": use_gpu, "deepspeed": ds_config, "plan": asdict(plan), **stats,
-               "resumed_from_step": resume["step"] if resume else None}
+    summary = {"key": key, "status": "running", "config": to_dict(cfg), "data": data, "data_key": data_key,
+               "data_stats": stats, "rows": stats["rows"], "use_gpu": use_gpu, "deepspeed": ds_config,
+               "plan": asdict(plan), "resumed_from_step": resume["step"] if resume else None}
     if _written(str(out), asdict(plan)):  # a sweep wrote the model; its record was not finished
         log(f"already fine-tuned in a sweep: {out / 'model'}")
         state = json.loads((out / STATE_FILE).read_text())
-        return _finish(summary, state, train_seconds=state["seconds"]), None
+        return _finish(summary, state, train_seconds=state["seconds"]), False
     _write_json(summary_path, summary)
-    log(f"{stats['rows']} rows ({stats['dropped_no_response']} dropped: no response token), "
-        f"{plan.total_steps} steps over {cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
+    log(f"{stats['rows']} rows ({sum(stats['dropped'].values())} dropped), {plan.total_steps} steps over "
+        f"{cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
         + (f"; resuming from step {resume['step']}" if resume else ""))
-    return summary, ds
+    return summary, True
 
 
 _SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures")
@@ -533,18 +520,21 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from . import batches
+    from .layout import RunDir
+
     records: list[dict] = []
-    todo: list[tuple[int, dict, Any]] = []
+    todo: list[tuple[int, dict]] = []
     for i, cfg in enumerate(cfgs):
-        summary, ds = _prepare(cfg)
+        summary, train = _prepare(cfg)
         records.append(summary)
-        if ds is not None:
-            todo.append((i, summary, ds))
+        if train:
+            todo.append((i, summary))
     if not todo:
         return records
     first = cfgs[todo[0][0]]
     if len(todo) > 1:
-        for i, _, _ in todo:
+        for i, _ in todo:
             if cfgs[i].checkpoint_every:
                 raise ConfigError(f"{cfgs[i].output}: checkpoint_every must be 0 in a sweep of several runs")
             if any(getattr(cfgs[i], f) != getattr(first, f) for f in _SHARED):
@@ -552,13 +542,17 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
         if not sweep_dir:
             raise ConfigError("sweep_dir: several runs to fine-tune need a folder for the sweep's Ray Train record")
     storage = str(Path(sweep_dir).resolve()) if len(todo) > 1 else todo[0][1]["config"]["output"]
-    jobs = [{"cfg": s["config"], "plan": s["plan"], "deepspeed": s["deepspeed"], "dataset": f"train{i}",
-             "output": s["config"]["output"]} for i, s, _ in todo]
+    jobs = []
+    for _, s in todo:
+        run = RunDir(s["config"]["output"])
+        data = batches.load(run.uri, [run.path("corpus", f) for f in s["data_stats"]["files"]],
+                            s["data_stats"]["part_rows"])
+        jobs.append({"cfg": s["config"], "plan": s["plan"], "deepspeed": s["deepspeed"], "data": data,
+                     "output": s["config"]["output"]})
     use_gpu = todo[0][1]["use_gpu"]
     resources = {"CPU": first.cpus_per_worker} | ({"GPU": first.gpus_per_worker} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config={"jobs": jobs, "use_gpu": use_gpu},
-        datasets={f"train{i}": ds for i, _, ds in todo},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, first.keep_checkpoints)),
@@ -566,7 +560,7 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
     started = time.time()
     result = trainer.fit()
     seconds = round(time.time() - started, 2)
-    for i, summary, _ in todo:
+    for _, summary in todo:
         out = Path(summary["config"]["output"])
         if len(todo) > 1:
             state = json.loads((out / STATE_FILE).read_text())

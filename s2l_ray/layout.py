@@ -5,7 +5,7 @@ pyarrow filesystem URI (``s3://bucket/run``)::
 
     <run>/
       manifest.json                 config, corpus fingerprint, versions, counts, timings
-      corpus/part-<n>.parquet       normalised corpus (corpus.STORED_SCHEMA), rows in idx order
+      corpus/part-<n>.parquet       normalised corpus (STORED_SCHEMA), rows in idx order
       proxy/                        Ray Train storage: proxy checkpoints
       trajectories/checkpoint=<t>/  TRAJECTORY_SCHEMA, one folder per trajectory point
       trajectories/_done.json       finished trajectory points and their files
@@ -17,6 +17,7 @@ pyarrow filesystem URI (``s3://bucket/run``)::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import posixpath
 import re
@@ -31,9 +32,15 @@ CORPUS_SCHEMA = pa.schema([
     ("idx", pa.int64()),  # position in the stored corpus: 0..N-1 in file order
     ("id", pa.string()),
     ("source", pa.string()),
-    ("prompt", pa.string()),
-    ("response", pa.string()),
+    ("prompt", pa.string()),  # a chat row's last asking turn
+    ("response", pa.string()),  # a chat row's last assistant turn
+    ("messages", pa.string()),  # a chat row's turns as JSON [{role, content}]; null for a prompt/response row
 ])
+# The stored corpus: the contract's columns plus the tokenised text under the proxy's tokenizer
+# (text.encode: the ids, and the [start, end) token spans that carry labels, flattened).
+STORED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [
+    pa.field("input_ids", pa.list_(pa.int32())), pa.field("spans", pa.list_(pa.int32())),
+    pa.field("n_tokens", pa.int32()), pa.field("n_response", pa.int32()), pa.field("truncated", pa.bool_())])
 TRAJECTORY_SCHEMA = pa.schema([
     ("idx", pa.int64()),  # the row's position in the stored corpus
     ("id", pa.string()),
@@ -56,6 +63,13 @@ SELECTION_SCHEMA = pa.schema([
     ("method", pa.string()),
     ("budget", pa.int64()),
 ])
+
+
+def stage_key(*parts: Any) -> str:
+    """The key a stage records for what it was made from (configs, fingerprints, upstream keys)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class LayoutError(RuntimeError):
@@ -182,6 +196,16 @@ class RunDir:
     def corpus_files(self) -> list[str]:
         """The stored corpus's part files in idx order (recorded in the manifest when complete)."""
         return [self.path("corpus", f) for f in self.read_manifest().get("corpus", {}).get("files", [])]
+
+    def corpus_parts(self) -> list[tuple[int, int, int, str]]:
+        """(number, first idx, rows, path) of each stored corpus part, from the manifest (no file is opened)."""
+        corpus = self.read_manifest().get("corpus", {})
+        files, rows = corpus.get("files", []), corpus.get("part_rows", [])
+        if not files or len(rows) != len(files):
+            raise LayoutError(f"{self.manifest}: no stored corpus recorded (corpus.files and corpus.part_rows)")
+        starts = [0, *itertools.accumulate(rows)][:-1]
+        return [(int(f.removeprefix("part-").removesuffix(".parquet")), s, r, self.path("corpus", f))
+                for f, s, r in zip(files, starts, rows)]
 
     @property
     def proxy_dir(self) -> str:

@@ -2,10 +2,15 @@
 
 Nothing is fetched from a model hub: every ``from_pretrained`` call gets a local directory,
 remote code is never trusted unless asked for, and weights are saved as safetensors.
+``import_gguf`` turns a GGUF file (llama.cpp's format) into such a directory, and
+``derive_proxy`` cuts a model to its first layers.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +125,111 @@ def resolve_bf16(precision: str, use_gpu: bool) -> bool:
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     return precision == "bf16" or (precision == "auto" and use_gpu)
+
+
+# Special tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi).
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
+
+
+def check_new_dir(output: str) -> Path:
+    """``output`` as a path that a model can be written to: absent or an empty directory."""
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"output already exists: {output}; remove it or choose another path")
+    return out
+
+
+@contextmanager
+def _atomic_dir(output: str):
+    """A temporary sibling of ``output`` to write into, renamed to ``output`` only on success."""
+    out = check_new_dir(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from other users
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); rename needs it gone or empty
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _end_token_ids(generation_config: Any, tokenizer: Any) -> int | list[int]:
+    """Every id that ends a turn: the generation config's, the tokenizer's EOS, known turn-end tokens."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    specials = tokenizer.get_added_vocab()
+    for tid in [tokenizer.eos_token_id] + [specials.get(t) for t in TURN_END_TOKENS]:
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    return ids[0] if len(ids) == 1 else ids
+
+
+def import_gguf(gguf_path: str, output: str, dtype: torch.dtype = torch.float32) -> str:
+    """Convert a GGUF file into a plain HF model directory (safetensors, tokenizer, generation config).
+
+    Quantized weights are dequantized to ``dtype``. The directory appears only when complete.
+    """
+    p = Path(gguf_path)
+    if not p.is_file():
+        raise ModelError(f"GGUF file does not exist: {gguf_path}")
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{gguf_path}: not a GGUF file (no GGUF magic bytes)")
+    check_new_dir(output)
+    d, name = str(p.resolve().parent), p.name
+    try:
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dtype, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - the GGUF loader raises many kinds for unsupported or corrupt files
+        raise ModelError(f"{gguf_path}: cannot import GGUF, truncated or corrupt file or an architecture "
+                         f"transformers cannot load ({type(e).__name__}: {e})") from None
+    if tok.eos_token is None:
+        raise ModelError(f"{gguf_path}: its tokenizer has no EOS token")
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.generation_config._from_model_config = False  # ours now: loaded as saved, not rebuilt from config.json
+    model.generation_config.eos_token_id = _end_token_ids(model.generation_config, tok)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    del gguf_model
+    with _atomic_dir(output) as tmp:
+        save_model(model, tok, tmp)
+    return output
+
+
+def derive_proxy(model_dir: str, output: str, num_layers: int) -> str:
+    """The model of ``model_dir`` cut to its first ``num_layers`` decoder layers, saved with its tokenizer.
+
+    Embeddings, the final norm and the LM head are kept; a fast stand-in with real pretrained weights.
+    """
+    check_new_dir(output)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    total = model.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ModelError(f"{model_dir}: num_layers must be between 1 and {total} (the model's), not {num_layers}")
+    config = model.config.to_dict()
+    config["num_hidden_layers"] = num_layers
+    for key in ("layer_types",):  # per-layer lists (sliding/full attention) follow the cut
+        if isinstance(config.get(key), list):
+            config[key] = config[key][:num_layers]
+    config = type(model.config).from_dict(config)
+    cut = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    full = model.state_dict()
+    kept = cut.state_dict()
+    missing = [k for k, v in kept.items() if k not in full or full[k].shape != v.shape]
+    if missing:
+        raise ModelError(f"{model_dir}: cannot cut this model by layers (no matching weights for {missing[:3]})")
+    cut.load_state_dict({k: full[k] for k in kept}, strict=True)
+    cut.generation_config = model.generation_config
+    with _atomic_dir(output) as tmp:
+        save_model(cut, tok, tmp)
+    return output

@@ -7,8 +7,6 @@ refused rather than silently mixed with new work.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import posixpath
 import sys
@@ -17,15 +15,11 @@ from typing import Any
 
 from . import __version__, methods
 from .config import ConfigError, S2LConfig, to_dict
-from .layout import LayoutError, RunDir
+from .layout import LayoutError, RunDir, stage_key
 
 
 def log(msg: str) -> None:
     print(f"[s2l {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def versions() -> dict:
@@ -46,29 +40,65 @@ def _ensure_ray() -> None:
         log(f"Ray: {ray.cluster_resources()}")
 
 
-def prepare_inputs(cfg: S2LConfig) -> tuple[S2LConfig, str, dict]:
-    """Resolve the corpus (demo when none), the tokenizer dir and the proxy model spec."""
+def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
+    """Resolve the corpus (the demo's when none), the tokenizer dir and the proxy model spec.
+
+    Data errors come first: a missing corpus is refused before any model is looked at, and when
+    a model or tokenizer directory is unusable the corpus is read through once, so that a bad
+    line is reported rather than the model. With neither a tokenizer nor a proxy model, a BPE
+    tokenizer is trained on the corpus (saved in the run directory) and a fresh preset proxy used.
+    """
     from dataclasses import replace
 
     from . import demo
-    from .models import load_model, load_tokenizer, preset_config
+    from .corpus import check_records, discover
+    from .models import ModelError, load_model, load_tokenizer, preset_config
 
-    if not cfg.corpus.path:
+    is_demo = not cfg.corpus.path
+    if is_demo:
         log(f"no corpus given: building the demo corpus ({len(cfg.demo.sources)} reasoning-gym sources) "
             f"in {demo.DEMO_ROOT}")
         paths = demo.build(cfg.demo, demo.DEMO_ROOT)
         cfg = replace(cfg, corpus=replace(cfg.corpus, path=paths["train"]),
                       text=replace(cfg.text, tokenizer=cfg.text.tokenizer or paths["tokenizer"]))
+    discover(cfg.corpus)
     tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model
-    if not tokenizer_dir:
-        raise LayoutError("no tokenizer: set text.tokenizer or proxy.model to a local directory")
-    tok = load_tokenizer(tokenizer_dir)
-    if cfg.proxy.model:
-        load_model(cfg.proxy.model)  # fail fast on a bad directory
-        spec = {"dir": cfg.proxy.model}
-    else:
-        spec = {"config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.seed}
-    return cfg, tokenizer_dir, {"spec": spec, "pad_id": tok.pad_token_id}
+    try:
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        if cfg.proxy.model:
+            load_model(cfg.proxy.model)  # fail fast on a bad directory
+    except ModelError:
+        check_records(cfg.corpus)  # a bad corpus is the first thing to fix
+        raise
+    if tok is None:
+        tokenizer_dir = corpus_tokenizer(run, cfg)
+        tok = load_tokenizer(tokenizer_dir)
+    cfg = replace(cfg, text=replace(cfg.text, tokenizer=tokenizer_dir))
+    spec = {"dir": cfg.proxy.model} if cfg.proxy.model else {
+        "config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.proxy.seed}
+    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo}
+
+
+def corpus_tokenizer(run: RunDir, cfg: S2LConfig) -> str:
+    """A byte-level BPE tokenizer trained on (a sample of) the corpus, in ``<run>/tokenizer`` (reused when
+    trained on the same input with the same vocabulary size)."""
+    from .corpus import input_fingerprint, sample_texts
+    from .demo import train_tokenizer
+    from .layout import read_json, write_json_atomic
+
+    if "://" in run.uri:
+        raise ConfigError(f"output {run.uri}: a tokenizer trained on the corpus is kept in a local run directory; "
+                          "give text.tokenizer or proxy.model (a model directory), or a local --output")
+    path = run.path("tokenizer")
+    stamp = {"input": input_fingerprint(cfg.corpus), "vocab_size": cfg.text.vocab_size}
+    if read_json(run.fs, run.path("tokenizer", "s2l_tokenizer.json")) == stamp:
+        return path
+    log(f"no tokenizer or proxy model given: training a {cfg.text.vocab_size}-token BPE tokenizer on the corpus")
+    texts = sample_texts(cfg.corpus, 100_000, seed=0)
+    train_tokenizer(texts, cfg.text.vocab_size, path)
+    write_json_atomic(run.fs, run.path("tokenizer", "s2l_tokenizer.json"), stamp)
+    log(f"tokenizer: {path} (trained on {len(texts)} rows)")
+    return path
 
 
 def _stage(run: RunDir, name: str, key: str) -> dict | None:
@@ -80,10 +110,10 @@ def _finish(run: RunDir, name: str, key: str, started: float, **extra: Any) -> N
     run.update_manifest(stages={name: {"key": key, "seconds": round(time.time() - started, 2), **extra}})
 
 
-def run_corpus(run: RunDir, cfg: S2LConfig, tokenizer_dir: str) -> dict:
-    from .corpus import input_fingerprint, store
+def run_corpus(run: RunDir, cfg: S2LConfig) -> dict:
+    from .corpus import drop_summary, input_fingerprint, store
 
-    key = _key(input_fingerprint(cfg.corpus), to_dict(cfg.text), tokenizer_dir)
+    key = stage_key(input_fingerprint(cfg.corpus), to_dict(cfg.text))
     if _stage(run, "corpus", key) is not None:
         stats = run.read_manifest()["corpus"]
         log(f"corpus: reusing {stats['rows']} stored rows")
@@ -93,11 +123,16 @@ def run_corpus(run: RunDir, cfg: S2LConfig, tokenizer_dir: str) -> dict:
                           "use a new --output or delete that directory")
     log(f"corpus: reading {cfg.corpus.path}")
     started = time.time()
-    stats = store(run, cfg.corpus, cfg.text, tokenizer_dir)
-    run.update_manifest(corpus=stats)
+    stats = store(run, cfg.corpus, cfg.text, cfg.text.tokenizer, part_rows=cfg.corpus.part_rows,
+                  piece_bytes=int(cfg.corpus.piece_mb * 2**20))
+    run.update_manifest(corpus=stats, merge=False)
     _finish(run, "corpus", key, started)
-    log(f"corpus: {stats['rows']} rows, {len(stats['sources'])} sources, {stats['truncated']} truncated to "
-        f"{cfg.text.max_length} tokens ({time.time() - started:.1f}s)")
+    log(f"corpus: {stats['rows']} rows in {len(stats['files'])} parts ({stats['pieces']} pieces read), "
+        f"{len(stats['sources'])} sources, {stats['truncated']} truncated to {cfg.text.max_length} tokens "
+        f"({time.time() - started:.1f}s)")
+    if dropped := drop_summary(stats):
+        log(f"corpus: dropped {sum(stats['dropped'].values())} rows: {dropped}; corpus.strict: true makes these "
+            "errors")
     return stats
 
 
@@ -107,16 +142,16 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     p = to_dict(cfg.proxy)
     for perf in ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu"):
         p.pop(perf)
-    key = _key(corpus["fingerprint"], p, cfg.proxy.num_workers, cfg.seed)
+    key = stage_key(corpus["fingerprint"], p, cfg.proxy.num_workers)
     rec = run.read_manifest().get("stages", {}).get("proxy")
     if rec and rec.get("key") != key:
-        raise LayoutError(f"{run.uri} holds trajectories made with another proxy config or seed; "
+        raise LayoutError(f"{run.uri} holds trajectories made with another proxy config (proxy.seed included); "
                           "use a new --output or delete that directory")
     run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec)}})
     log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
         f"{cfg.proxy.num_workers} workers")
     started = time.time()
-    stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], cfg.seed)
+    stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"])
     if not stats["trained"] and not stats.get("scored"):  # all reused: the record of how they were made stays
         log(f"proxy: reusing the {len(stats['reused_points'])} finished trajectory points in "
             f"{run.uri_of('trajectories')}")
@@ -131,7 +166,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
 def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
     from .clustering import cluster_run
 
-    key = _key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(cfg.cluster), cfg.seed)
+    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(cfg.cluster), cfg.seed)
     if _stage(run, "clusters", key) is not None:
         log(f"clusters: reusing {run.uri_of('clusters.parquet')}")
         return run.read_manifest()["clusters"]
@@ -151,7 +186,7 @@ def run_select(run: RunDir, cfg: S2LConfig) -> dict:
     started = time.time()
     stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
     run.update_manifest(selection=stats, merge=False)
-    _finish(run, "selection", _key(to_dict(cfg.select), cfg.seed), started)
+    _finish(run, "selection", stage_key(to_dict(cfg.select), cfg.seed), started)
     log(f"selection: {cfg.select.method}, budgets {', '.join(stats['budgets'])} ({time.time() - started:.1f}s)")
     return stats
 
@@ -170,8 +205,13 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
     if clustered:
         lines += [f"  clusters:     {run.uri_of('clusters.parquet')}", f"  report:       {run.uri_of('report.png')}"]
     lines += [f"  manifest:     {run.uri_of('manifest.json')}",
-              f"  total time:   {m['total_seconds']:.1f}s",
-              f"next: python jobs/finetune.py --data {run.uri}"]
+              f"  total time:   {m['total_seconds']:.1f}s"]
+    budget = f" --budget {next(iter(budgets))}" if several else ""
+    if m.get("demo"):
+        lines.append(f"next: python jobs/finetune.py --data {run.uri}{budget}")
+    else:
+        lines.append(f"next: python jobs/finetune.py --data {run.uri}{budget} --model /path/to/your/target-model "
+                     "--output <target output>")
     return "\n".join(lines)
 
 
@@ -182,12 +222,12 @@ def select(cfg: S2LConfig) -> dict:
         method = methods.get(cfg.select.method)
     except ValueError as e:
         raise ConfigError(f"select.method: {e}") from None
-    cfg, tokenizer_dir, inputs = prepare_inputs(cfg)  # bad paths fail here, before Ray starts
     run = RunDir(cfg.output)
+    cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
     run.ensure()
     _ensure_ray()
-    run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv)
-    corpus = run_corpus(run, cfg, tokenizer_dir)
+    run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])
+    corpus = run_corpus(run, cfg)
     run_proxy(run, cfg, inputs, corpus)
     if method.clusters:
         run_clusters(run, cfg)

@@ -5,6 +5,8 @@ Training reports a checkpoint at T steps spread evenly over training. A Ray Trai
 which runs the Ray Data scoring job for it (``scoring.score_point``) one point after another
 while training goes on. A rerun into the same run directory scores the checkpoints that were
 persisted but not scored, and resumes training from the latest checkpoint if T was not reached.
+Workers read the stored corpus from the object store in a fresh seeded permutation each epoch
+(``batches``), so a resumed run sees exactly the rows the uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import ray
 import torch
 from ray.train import Checkpoint
 
+from . import batches
 from .config import ProxyConfig, ScoringConfig
 from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
-from .scoring import labels_from, score_point
+from .scoring import score_point
 
 
 class ProxyError(ValueError):
@@ -91,11 +94,12 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import load_file
     from transformers import get_scheduler
 
-    from .text import collate
+    from .text import collate, labels_from
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     model = _initial_model(config["model"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
@@ -116,23 +120,15 @@ def train_loop(config: dict) -> None:
     inner = model.module if hasattr(model, "module") else model
     amp = torch.bfloat16 if resolve_bf16(config["precision"], device.type == "cuda") else None
     points = {s: t for t, s in enumerate(config["point_steps"])}
-    spe, pad = config["steps_per_epoch"], config["pad_id"]
-    shard = ray.train.get_dataset_shard("train")
+    spe, pad, data = config["steps_per_epoch"], config["pad_id"], config["data"]
+    rows = batches.Rows(data)
     model.train()
     recent: list[float] = []
     started = time.time()
     for epoch in range(step // spe, config["epochs"]):
-        skip = step - epoch * spe
-        batches = shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
-                                     local_shuffle_buffer_size=config["shuffle_buffer"],
-                                     local_shuffle_seed=config["seed"] + 7919 * epoch + rank)
-        for i, batch in enumerate(batches):
-            if i >= spe:
-                break
-            if i < skip:
-                continue
-            ids = [list(x) for x in batch["input_ids"]]
-            b = collate(ids, [labels_from(x, int(p)) for x, p in zip(ids, batch["n_prompt"])], pad)
+        positions = batches.epoch_positions(data.n, config["seed"], epoch, rank, world)
+        for ids, spans in batches.iterate(rows, positions, config["batch_size"], start=step - epoch * spe):
+            b = collate(ids, [labels_from(x, sp) for x, sp in zip(ids, spans)], pad)
             b = {k: v.to(device) for k, v in b.items()}
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = model(**b).loss
@@ -222,7 +218,7 @@ def _trajectory_callback(coordinator):
 
 
 def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dict, n_rows: int, pad_id: int,
-        seed: int, max_failures: int = 3) -> dict:
+        max_failures: int = 3) -> dict:
     """Train the proxy and score every trajectory point not yet done; returns stage statistics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -244,19 +240,18 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     last = max(ckpts) if ckpts else None
     if last is None or last < proxy.num_points - 1:
         resume = Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None
-        ds = ray.data.read_parquet(run.corpus_files(), filesystem=run.fs, num_cpus=0.25).select_columns(
-            ["input_ids", "n_prompt"]).randomize_block_order(seed=seed)
+        parts = run.corpus_parts()
+        data = batches.load(run.uri, [p[3] for p in parts], [p[2] for p in parts])
         config = {
             "model": model_spec, "lr": proxy.lr, "weight_decay": proxy.weight_decay, "schedule": proxy.schedule,
             "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
             "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
-            "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": seed, "precision": proxy.precision,
-            "threads": max(1, int(proxy.cpus_per_worker)), "pad_id": pad_id, "resume": resume,
-            "shuffle_buffer": max(proxy.batch_size * 64, 1024),
+            "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
+            "threads": max(1, int(proxy.cpus_per_worker)), "pad_id": pad_id, "resume": resume, "data": data,
         }
         resources = {"CPU": proxy.cpus_per_worker} | ({"GPU": proxy.gpus_per_worker} if use_gpu else {})
         trainer = TorchTrainer(
-            train_loop, train_loop_config=config, datasets={"train": ds},
+            train_loop, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=proxy.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(

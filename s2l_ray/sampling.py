@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import posixpath
+import re
 import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring
@@ -121,11 +123,32 @@ def read_clusters(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def jsonl(rows: pa.Table) -> bytes:
-    """String columns as JSON lines, byte-identical to ``json.dumps(row, ensure_ascii=False)`` per row."""
-    keys = [json.dumps(name).replace("{", "{{").replace("}", "}}") for name in rows.column_names]
-    template = "{{" + ", ".join(key + ": {}" for key in keys) + "}}\n"
-    cols = [map(encode_basestring, rows.column(name).to_pylist()) for name in rows.column_names]
-    return "".join(template.format(*values) for values in zip(*cols)).encode()
+    """Selected corpus rows as JSON lines: ``{id, source, prompt, response}``, or ``{id, source, messages}``
+    for a chat row (its stored turns as they are), byte-identical to ``json.dumps(row, ensure_ascii=False)``."""
+    plain = '{{"id": {}, "source": {}, "prompt": {}, "response": {}}}\n'
+    chat = '{{"id": {}, "source": {}, "messages": {}}}\n'
+    cols = [rows.column(name).to_pylist() for name in ("id", "source", "prompt", "response", "messages")]
+    out = []
+    for rid, source, prompt, response, messages in zip(*cols):
+        if messages is None:
+            out.append(plain.format(*map(encode_basestring, (rid, source, prompt, response))))
+        else:
+            out.append(chat.format(encode_basestring(rid), encode_basestring(source),
+                                   json.dumps(json.loads(messages), ensure_ascii=False)))
+    return "".join(out).encode()
+
+
+def remove_stale(dest: RunDir, keep: list[str]) -> list[str]:
+    """Delete the selection files in ``dest`` (``selection*.parquet``, ``selected*.jsonl``) not in ``keep``
+    (an earlier selection's other budgets, which fine-tuning must never pick up); returns them."""
+    from pyarrow.fs import FileSelector, FileType
+
+    stale = [i.path for i in dest.fs.get_file_info(FileSelector(dest.root)) if i.type == FileType.File
+             and re.fullmatch(r"selection(-\d+)?\.parquet|selected(-\d+)?\.jsonl", posixpath.basename(i.path))
+             and i.path not in keep]
+    for path in stale:
+        dest.fs.delete_file(path)
+    return stale
 
 
 def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarray | None, method: str,
@@ -138,13 +161,12 @@ def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarr
     with contextlib.ExitStack() as stack:
         out = {b: stack.enter_context(open_output_atomic(dest.fs, dest.selected_jsonl(b if several else None)))
                for b in picks}
-        start = 0
-        for path in run.corpus_files():
-            pf = pq.ParquetFile(path, filesystem=run.fs)
-            end = start + pf.metadata.num_rows
+        for _, start, rows, path in run.corpus_parts():
+            end = start + rows
             local = {b: p[np.searchsorted(p, start):np.searchsorted(p, end)] for b, p in picks.items()}
             if any(len(v) for v in local.values()):
-                table = pf.read(columns=["id", "source", "prompt", "response"])
+                table = pq.read_table(path, filesystem=run.fs, columns=["id", "source", "prompt", "response",
+                                                                       "messages"])
                 for b, pos in local.items():
                     rows = table.take(pa.array(pos - start))
                     out[b].write(jsonl(rows))
@@ -153,9 +175,10 @@ def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarr
                         "cluster": pa.nulls(len(pos), pa.int32()) if labels is None else labels[pos],
                         "method": pa.repeat(pa.scalar(method, pa.string()), len(pos)),
                         "budget": pa.array(np.full(len(pos), b, np.int64))}, schema=SELECTION_SCHEMA))
-            start = end
     for b, tables in parts.items():
         write_parquet_atomic(dest.fs, dest.selection(b if several else None), pa.concat_tables(tables))
+    remove_stale(dest, [p for b in picks for p in (dest.selection(b if several else None),
+                                                    dest.selected_jsonl(b if several else None))])
 
 
 def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfig,

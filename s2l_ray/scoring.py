@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import ScoringConfig
 from .layout import TRAJECTORY_SCHEMA, RunDir, exists, remove_temporaries, write_parquet_atomic
-from .text import IGNORE_INDEX, collate, length_buckets
+from .text import IGNORE_INDEX, collate, labels_from, length_buckets
 
 
 # Config fields of causal LMs whose forward transforms the LM head's output (soft-capping or
@@ -62,19 +62,15 @@ def example_losses(model: torch.nn.Module, input_ids: torch.Tensor,
     return loss, conf, n
 
 
-def labels_from(ids: list[int], n_prompt: int) -> list[int]:
-    return [IGNORE_INDEX] * n_prompt + list(ids[n_prompt:])
-
-
-def score_rows(model: torch.nn.Module, input_ids: list, n_prompt: list[int], pad_id: int, max_tokens: int,
+def score_rows(model: torch.nn.Module, input_ids: list, spans: list[list[int]], pad_id: int, max_tokens: int,
                device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
-    """Score rows (token ids + prompt lengths) in length buckets; outputs follow the input order."""
+    """Score rows (token ids + label spans, ``text.encode``) in length buckets; outputs follow the input order."""
     n = len(input_ids)
     loss = np.empty(n, np.float32)
     conf = np.empty(n, np.float32)
     count = np.empty(n, np.int32)
     for bucket in length_buckets([len(x) for x in input_ids], max_tokens):
-        b = collate([input_ids[i] for i in bucket], [labels_from(input_ids[i], n_prompt[i]) for i in bucket], pad_id)
+        b = collate([input_ids[i] for i in bucket], [labels_from(input_ids[i], spans[i]) for i in bucket], pad_id)
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             lo, co, nt = example_losses(model, b["input_ids"], b["labels"])
@@ -105,8 +101,8 @@ class LossScorer:
         rows = []
         for part in batch["part"]:
             src = pq.read_table(self.run.corpus_part(int(part)), filesystem=self.run.fs,
-                                columns=["idx", "id", "input_ids", "n_prompt"], partitioning=None)
-            out = score_rows(self.model, src.column("input_ids").to_pylist(), src.column("n_prompt").to_pylist(),
+                                columns=["idx", "id", "input_ids", "spans"], partitioning=None)
+            out = score_rows(self.model, src.column("input_ids").to_pylist(), src.column("spans").to_pylist(),
                              self.pad_id, self.max_tokens, self.device, self.autocast)
             n = src.num_rows
             table = pa.table({
@@ -151,15 +147,20 @@ def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringCo
     return {"t": t, **record}
 
 
-def reference_losses(model: torch.nn.Module, rows: list[dict], tokenizer: Any, template: str,
-                     max_length: int) -> np.ndarray:
-    """One example at a time (the official S2L loop): tokenise, forward with labels, take the loss."""
-    from .text import tokenize_batch
+def reference_losses(model: torch.nn.Module, tokenizer: Any, rows: list[dict], text: Any) -> np.ndarray:
+    """One example at a time (the official S2L loop): encode it alone, forward with labels, take the loss.
 
+    ``rows`` are normalised corpus rows (``corpus.normalise``); ``text`` is the ``TextConfig``.
+    """
+    from .corpus import tokenize
+    from .text import chat_template
+
+    chat = chat_template(tokenizer, text.chat_template)
     out = np.empty(len(rows), np.float32)
     with torch.inference_mode():
         for i, r in enumerate(rows):
-            enc = tokenize_batch(tokenizer, [r["prompt"]], [r["response"]], template, max_length)
-            ids = torch.tensor(enc["input_ids"])
-            out[i] = model(input_ids=ids, labels=torch.tensor(enc["labels"])).loss.item()
+            enc = tokenize(tokenizer, chat, [r], text, [f"row {i}"])
+            ids = enc["input_ids"][0]
+            labels = torch.tensor([labels_from(ids, enc["spans"][0])])
+            out[i] = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
     return out

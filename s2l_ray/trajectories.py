@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import ClusterConfig
-from .layout import CORPUS_SCHEMA, TRAJECTORY_SCHEMA, RunDir, write_parquet_atomic
+from .layout import CORPUS_SCHEMA, TRAJECTORY_SCHEMA, LayoutError, RunDir, write_parquet_atomic
 
 MAX_TASK_ROWS = 500_000  # rows one Ray Data task reads at most (at least 8 tasks otherwise)
 
@@ -86,19 +86,16 @@ def check_done(done: dict[int, dict], num_points: int | None) -> int:
 
 
 def _corpus_parts(run: RunDir) -> tuple[list[tuple[int, int, int, str]], int, str | None]:
-    """(number, start, rows, path) of each corpus part, N, and the corpus fingerprint."""
+    """(number, start, rows, path) of each corpus part, N, and the corpus fingerprint (from the manifest)."""
     corpus = run.read_manifest().get("corpus", {})
-    if not corpus.get("files") or "rows" not in corpus:
-        raise TrajectoryError(f"{run.manifest}: no stored corpus recorded (corpus.files / corpus.rows)")
-    parts, start = [], 0
-    for name, path in zip(corpus["files"], run.corpus_files()):
-        number = int(posixpath.basename(name).removeprefix("part-").removesuffix(".parquet"))
-        rows = pq.ParquetFile(path, filesystem=run.fs).metadata.num_rows
-        parts.append((number, start, rows, path))
-        start += rows
-    if start != corpus["rows"]:
-        raise TrajectoryError(f"the corpus files hold {start} rows, {run.manifest} says {corpus['rows']}")
-    return parts, start, corpus.get("fingerprint")
+    try:
+        parts = run.corpus_parts()
+    except LayoutError as e:
+        raise TrajectoryError(str(e)) from None
+    n = sum(p[2] for p in parts)
+    if n != corpus.get("rows"):
+        raise TrajectoryError(f"the corpus parts hold {n} rows, {run.manifest} says {corpus.get('rows')}")
+    return parts, n, corpus.get("fingerprint")
 
 
 def _check_record(run: RunDir, t: int, rec: dict, n: int, fingerprint: str | None, numbers: list[int]) -> None:
@@ -336,15 +333,16 @@ def write_synthetic_run(run: RunDir, rows: int, num_points: int, *, num_sources:
         idx, ids = pa.array(np.arange(start, start + n, dtype=np.int64)), numbered_strings("ex", start, n)
         write_parquet_atomic(run.fs, run.corpus_part(c), pa.table({
             "idx": idx, "id": ids, "source": sources.take(pa.array(src)),
-            "prompt": numbered_strings("question ", start, n), "response": numbered_strings("answer ", start, n)},
-            schema=CORPUS_SCHEMA))
+            "prompt": numbered_strings("question ", start, n), "response": numbered_strings("answer ", start, n),
+            "messages": pa.nulls(n, pa.string())}, schema=CORPUS_SCHEMA))
         files.append(posixpath.basename(run.corpus_part(c)))
         x = synthetic_losses(rng, patterns, n, noise)
         for t in range(num_points):
             path = run.trajectory_part(t, c)
             write_parquet_atomic(run.fs, path, _point_table(idx, ids, t, 100 * (t + 1), x[:, t]))
             point_files[t].append(path)
-    record = {"files": files, "rows": rows, "fingerprint": fingerprint,
+    record = {"files": files, "part_rows": [min(chunk_rows, rows - s) for s in range(0, rows, chunk_rows)],
+              "rows": rows, "fingerprint": fingerprint,
               "sources": {s: int(k) for s, k in zip(sources.to_pylist(), source_counts)}}
     run.update_manifest(corpus=record)
     for t in range(num_points):

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import CorpusConfig, TextConfig
-from s2l_ray.corpus import CorpusError, STORED_SCHEMA, discover, row_id, store
-from s2l_ray.layout import RunDir
+from s2l_ray.corpus import CorpusError, discover, plan_pieces, row_id, store
+from s2l_ray.layout import STORED_SCHEMA, RunDir
 
 ROWS = [
     {"id": "a", "source": "math", "prompt": "What is 2+2?", "response": "#### 4"},
@@ -22,9 +22,10 @@ def write_jsonl(path, rows):
     return path
 
 
-def load(tmp_path, demo_small, path, text=None, **kw):
+def load(tmp_path, demo_small, path, text=None, part_rows=8192, piece_bytes=32 << 20, **kw):
     run = RunDir(str(tmp_path / "run"))
-    stats = store(run, CorpusConfig(path=str(path), **kw), text or TextConfig(), demo_small["tokenizer"])
+    stats = store(run, CorpusConfig(path=str(path), **kw), text or TextConfig(), demo_small["tokenizer"],
+                  part_rows=part_rows, piece_bytes=piece_bytes)
     table = pq.read_table([run.corpus_part(i) for i in range(len(stats["files"]))])
     return stats, table
 
@@ -43,8 +44,10 @@ def test_jsonl(tmp_path, demo_small):
     assert t.schema == STORED_SCHEMA
     assert as_rows(t) == ROWS and t.column("idx").to_pylist() == [0, 1, 2]
     assert stats["rows"] == 3 and stats["sources"] == {"math": 2, "code": 1} and stats["truncated"] == 0
-    n_prompt, ids = t.column("n_prompt").to_pylist(), t.column("input_ids").to_pylist()
-    assert all(0 < p < len(i) for p, i in zip(n_prompt, ids))
+    spans, ids = t.column("spans").to_pylist(), t.column("input_ids").to_pylist()
+    assert all(len(sp) == 2 and 0 < sp[0] < sp[1] == len(i) for sp, i in zip(spans, ids))
+    assert stats["part_rows"] == [3] and stats["dropped"] == dict.fromkeys(
+        ["empty_prompt", "empty_response", "duplicate_id", "no_response_tokens"], 0)
 
 
 def test_parquet_hf_and_shards_give_the_same_rows(tmp_path, demo_small):
@@ -74,14 +77,33 @@ def test_column_mapping_derived_ids_and_default_source(tmp_path, demo_small):
     assert t2.column("id").to_pylist() == t.column("id").to_pylist()  # stable
 
 
-def test_chat_messages(tmp_path, demo_small):
+def test_chat_messages_and_sharegpt(tmp_path, demo_small):
     rows = [{"id": 1, "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}]},
             {"id": 2, "messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "2+2"},
-                                   {"role": "assistant", "content": "4"}]}]
+                                   {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3"},
+                                   {"role": "assistant", "content": "6"}]},
+            {"id": 3, "conversations": [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]}]
     _, t = load(tmp_path, demo_small, write_jsonl(tmp_path / "chat.jsonl", rows))
     got = as_rows(t)
-    assert got[0]["prompt"] == "Hi?" and got[0]["response"] == "Hello" and got[0]["id"] == "1"
-    assert got[1]["prompt"] == "system: Be brief\nuser: 2+2" and got[1]["response"] == "4"
+    assert got[0] == {"id": "1", "source": "default", "prompt": "Hi?", "response": "Hello"}
+    assert got[1]["prompt"] == "3+3" and got[1]["response"] == "6"  # the last question and answer
+    assert json.loads(t.column("messages")[1].as_py()) == rows[1]["messages"]
+    assert json.loads(t.column("messages")[2].as_py()) == [{"role": "user", "content": "1+1"},
+                                                           {"role": "assistant", "content": "2"}]
+    assert [len(sp) for sp in t.column("spans").to_pylist()] == [2, 4, 2]  # every assistant turn
+
+
+def test_other_tools_schemas(tmp_path, demo_small):
+    gsm = [{"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"}]
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+              {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    math = [{"problem": "What is $1/2 + 1/4$?", "solution": "It is $\\boxed{\\frac{3}{4}}$."}]
+    _, t = load(tmp_path / "a", demo_small, write_jsonl(tmp_path / "gsm.jsonl", gsm))
+    assert as_rows(t)[0]["prompt"] == gsm[0]["question"] and as_rows(t)[0]["response"] == gsm[0]["answer"]
+    _, t = load(tmp_path / "b", demo_small, write_jsonl(tmp_path / "alpaca.jsonl", alpaca))
+    assert [r["prompt"] for r in as_rows(t)] == ["Add the numbers.\n\n2 and 3", "Say hi."]
+    _, t = load(tmp_path / "c", demo_small, write_jsonl(tmp_path / "math.jsonl", math))
+    assert as_rows(t)[0]["response"] == math[0]["solution"]
 
 
 def test_truncation_is_counted(tmp_path, demo_small):
@@ -94,19 +116,27 @@ def test_truncation_is_counted(tmp_path, demo_small):
     (b"", {}, "is empty"),
     (b'{"prompt": "p", "response": "r"}\n{"prompt": "p2", "response": \n', {}, r"bad\.jsonl:2: malformed JSON"),
     (b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n', {}, r"bad\.jsonl:2: not valid UTF-8"),
-    (b'{"prompt": "p", "answer": "r"}\n', {}, r"bad\.jsonl:1: missing field 'response'"),
+    (b'{"prompt": "p", "reply": "r"}\n', {}, r"bad\.jsonl:1: missing field 'response'"),
     (b'{"q": "p", "response": "r"}\n', {"prompt": "question"}, r"bad\.jsonl:1: missing field 'question'"),
-    (b'{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": "  "}\n', {}, r"bad\.jsonl:2: field 'response' is empty"),
-    (b'{"prompt": "", "response": "r"}\n', {}, r"bad\.jsonl:1: field 'prompt' is empty"),
-    (b'{"id": 7, "prompt": "a", "response": "r"}\n{"id": 7, "prompt": "b", "response": "s"}\n', {}, r"duplicate ids \['7'\]"),
+    (b'{"prompt": "p", "response": 5}\n', {}, r"bad\.jsonl:1: field 'response' must be a string"),
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}\n', {},
+     r"bad\.jsonl:1: field 'messages' turn 1 has role 'robot'"),
     (b'[1, 2]\n', {}, r"bad\.jsonl:1: expected a JSON object"),
+    # what is dropped and counted by default is an error with corpus.strict
+    (b'{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": "  "}\n', {"strict": True},
+     r"bad\.jsonl:2: the response is empty"),
+    (b'{"prompt": "", "response": "r"}\n', {"strict": True}, r"bad\.jsonl:1: the prompt is empty"),
+    (b'{"id": 7, "prompt": "a", "response": "r"}\n{"id": 7, "prompt": "b", "response": "s"}\n', {"strict": True},
+     r"bad\.jsonl:2: duplicate id.*'7'"),
+    (b'{"id": "x", "prompt": "' + b"word " * 300 + b'", "response": "r"}\n', {"strict": True},
+     r"bad\.jsonl:1: no response token is left after truncation.*'x'"),
 ])
 def test_bad_input_is_refused_clearly(tmp_path, demo_small, content, kw, match):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
     run = RunDir(str(tmp_path / "run"))
     with pytest.raises(Exception) as info:
-        store(run, CorpusConfig(path=str(bad), **kw), TextConfig(), demo_small["tokenizer"])
+        store(run, CorpusConfig(path=str(bad), **kw), TextConfig(max_length=64), demo_small["tokenizer"])
     from s2l_ray.pipeline import _user_error
 
     err = _user_error(info.value)
@@ -115,10 +145,19 @@ def test_bad_input_is_refused_clearly(tmp_path, demo_small, content, kw, match):
     assert not (tmp_path / "run" / "corpus").exists(), "a failed corpus leaves no partial output"
 
 
-def test_response_truncated_away_is_refused(tmp_path, demo_small):
-    rows = ROWS + [{"id": "long", "prompt": "word " * 300, "response": "r"}]
-    with pytest.raises(CorpusError, match=r"1 rows have no response tokens.*\['long'\]"):
-        load(tmp_path, demo_small, write_jsonl(tmp_path / "t.jsonl", rows), text=TextConfig(max_length=64))
+def test_bad_rows_are_dropped_counted_and_named(tmp_path, demo_small):
+    rows = [*ROWS, {"id": "e1", "prompt": " ", "response": "r"}, {"id": "e2", "prompt": "p", "response": ""},
+            {"id": "a", "prompt": "again", "response": "dup"}, {"id": "long", "prompt": "word " * 300, "response": "r"},
+            {"id": "c2", "messages": [{"role": "user", "content": "q"}]}]
+    stats, t = load(tmp_path, demo_small, write_jsonl(tmp_path / "t.jsonl", rows), text=TextConfig(max_length=64))
+    assert as_rows(t) == ROWS and t.column("idx").to_pylist() == [0, 1, 2]
+    assert stats["rows"] == 3 and stats["dropped"] == {"empty_prompt": 1, "empty_response": 2, "duplicate_id": 1,
+                                                       "no_response_tokens": 1}
+    assert stats["dropped_ids"] == {"empty_prompt": ["e1"], "empty_response": ["e2", "c2"], "duplicate_id": ["a"],
+                                    "no_response_tokens": ["long"]}
+    from s2l_ray.corpus import drop_summary
+
+    assert "1 duplicate id (ids ['a'])" in drop_summary(stats)
 
 
 def test_missing_path_and_unknown_format(tmp_path):
@@ -139,6 +178,59 @@ def test_one_large_file_is_stored_in_parts_of_part_rows(tmp_path, demo_small):
     stats = store(run, CorpusConfig(path=str(write_jsonl(tmp_path / "big.jsonl", rows))), TextConfig(),
                   demo_small["tokenizer"], part_rows=16)
     parts = [pq.read_table(run.corpus_part(i)) for i in range(len(stats["files"]))]
-    assert [p.num_rows for p in parts] == [16, 16, 16, 2]  # scored in parallel, part by part
+    assert [p.num_rows for p in parts] == [16, 16, 16, 2] == stats["part_rows"]  # scored in parallel, part by part
     table = pa.concat_tables(parts)
     assert table.column("idx").to_pylist() == list(range(50)) and as_rows(table) == rows
+
+
+def _big_rows(n):
+    return [{"id": f"r{i}", "source": f"s{i // 700}", "prompt": f"What is {i} + {i % 7}?",
+             "response": f"{i} + {i % 7} = {i + i % 7}\n#### {i + i % 7}"} for i in range(n)]
+
+
+def test_a_large_file_read_in_pieces_equals_a_serial_read(tmp_path, demo_small):
+    """One JSONL file of 3,000 rows (written sorted by source) read in many pieces, with duplicates
+    across pieces: the same parts, idx, ids and fingerprint as a read in one piece."""
+    rows = _big_rows(3000)
+    rows[2500] = dict(rows[10])  # a duplicate of a row in another piece: the first one is kept
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    pieces = plan_pieces("jsonl", [str(path)], path.stat().st_size // 5)
+    assert len(pieces) >= 5
+    one, t1 = load(tmp_path / "serial", demo_small, path, part_rows=256)
+    many, t2 = load(tmp_path / "pieces", demo_small, path, part_rows=256, piece_bytes=path.stat().st_size // 5)
+    assert one["pieces"] == 1 and many["pieces"] == len(pieces)
+    assert t1.equals(t2) and one["fingerprint"] == many["fingerprint"] and one["part_rows"] == many["part_rows"]
+    assert t2.column("idx").to_pylist() == list(range(2999))
+    assert t2.column("id").to_pylist() == [r["id"] for i, r in enumerate(rows) if i != 2500]
+    assert many["dropped"]["duplicate_id"] == 1 and many["dropped_ids"]["duplicate_id"] == ["r10"]
+
+
+def test_an_error_deep_in_a_piece_names_the_files_own_line(tmp_path, demo_small):
+    rows = _big_rows(3000)
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    size = sum(len(x) + 1 for x in lines)
+    at = next(i for i in range(len(lines)) if sum(len(x) + 1 for x in lines[:i]) > size * 2.5 / 5)  # in piece 3
+    lines[at] = lines[at][:-5]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorpusError, match=rf"big\.jsonl:{at + 1}: malformed JSON"):
+        load(tmp_path, demo_small, path, piece_bytes=size // 5)
+
+
+def test_parquet_row_groups_and_arrow_shards_are_pieces(tmp_path, demo_small):
+    import datasets
+
+    rows = _big_rows(2000)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=300)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"), num_shards=3)
+    serial, t0 = load(tmp_path / "serial", demo_small, tmp_path / "c.parquet", part_rows=256)
+    grouped, t1 = load(tmp_path / "pq", demo_small, tmp_path / "c.parquet", part_rows=256, piece_bytes=1)
+    shards, t2 = load(tmp_path / "hf_run", demo_small, tmp_path / "hf", part_rows=256)
+    assert serial["pieces"] == 1 and grouped["pieces"] == 7 and shards["pieces"] == 3
+    assert t0.equals(t1) and t0.equals(t2) and as_rows(t0) == rows
+    assert serial["fingerprint"] == grouped["fingerprint"] == shards["fingerprint"]
+    bad = [dict(r) for r in rows]
+    bad[1234]["response"] = None
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet", row_group_size=300)
+    with pytest.raises(CorpusError, match=r"bad\.parquet row 1234: field 'response' must be a string"):
+        load(tmp_path / "bad", demo_small, tmp_path / "bad.parquet", piece_bytes=1)

@@ -1,4 +1,5 @@
-"""Evaluation: the answer extraction and exact-match table, and a real Ray Data run on a tiny model."""
+"""Evaluation: rows and gold answers in standard schemas, and a real Ray Data run on a tiny model
+(answer extraction itself: tests/test_answers.py; with the real SmolLM2: tests/test_real_model.py)."""
 from __future__ import annotations
 
 import json
@@ -7,53 +8,8 @@ import math
 import pytest
 
 from s2l_ray import evaluate
+from s2l_ray.answers import answers_match
 from s2l_ray.config import CorpusConfig, EvaluateConfig, TextConfig
-from s2l_ray.evaluate import answers_match, extract_answer
-
-
-@pytest.mark.parametrize("text, answer", [
-    ("Step 1: 3 + 4 = 7\n#### 7", "7"),
-    ("#### 12 ####\n 1,000\nmore text", "1,000"),
-    ("#### \n42", "42"),
-    ("The total is $12.50.", "$12.50"),
-    ("so we lose -3 apples", "-3"),
-    ("between 1/2 and 3 / 4 cups", "3 / 4"),
-    ("listing 1, 2, 3", "3"),
-    ("no number at all", ""),
-    ("#### 17 × 37", "17 × 37"),
-])
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
-
-
-@pytest.mark.parametrize("prediction, gold, match", [
-    ("12.50", "12.5", True),
-    ("1,000", "1000", True),
-    ("1,000,000.0", "1000000", True),
-    ("3/4", "0.75", True),
-    ("$\\frac{3}{4}$", "3/4", True),
-    ("\\dfrac{635}{806}", "$635/806$", True),
-    ("-5", "-5.0", True),
-    ("−5", "-5", True),
-    ("+7", "7", True),
-    ("$12", "12", True),
-    ("50%", "50", True),
-    ("78.", "78", True),
-    (".5", "1/2", True),
-    ("0.333", "1/3", False),
-    ("5", "-5", False),
-    ("12", "13", False),
-    ("1,2", "12", False),
-    ("1/0", "0", False),
-    ("17 x 37", "17 × 37", True),
-    ("2*2*3", "2 × 2 × 3", True),
-    ("1A3", "1a3", True),
-    ("Yes", "yes.", True),
-    ("", "0", False),
-    ("", "", False),
-])
-def test_answers_match(prediction, gold, match):
-    assert answers_match(prediction, gold) is match
 
 
 def test_load_rows_gold_answers_and_errors(tmp_path):
@@ -65,12 +21,30 @@ def test_load_rows_gold_answers_and_errors(tmp_path):
     rows = evaluate.load_rows(str(good), EvaluateConfig(limit=2))
     assert [(r["gold"], r["source"]) for r in rows] == [("5", "a"), ("7", "default")]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    long = "We reason about it at length, step after step, and never write down a final value at all here."
+    bad.write_text(json.dumps({"prompt": "p", "response": long}) + "\n")
     with pytest.raises(evaluate.EvaluateError, match=r"bad.jsonl:1: no gold answer"):
         evaluate.load_rows(str(bad), EvaluateConfig())
-    bad.write_text(json.dumps({"question": "q", "response": "#### 1"}) + "\n")
-    with pytest.raises(evaluate.EvaluateError, match=r"bad.jsonl:1: field 'prompt'"):
+    bad.write_text(json.dumps({"prompt": "p", "response": "#### 1"}) + "\n" + json.dumps({"q": "q"}) + "\n")
+    with pytest.raises(evaluate.EvaluateError, match=r"bad.jsonl:2: missing field 'prompt'"):
         evaluate.load_rows(str(bad), EvaluateConfig())
+
+
+def test_gold_answers_of_gsm8k_math_and_short_answer_files(tmp_path):
+    """GSM8K's own schema (its answer column is a rationale ending in #### N), MATH's (boxed), short golds."""
+    rows = [{"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in all?",
+             "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                       "altogether in April and May.\n#### 72"}]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = evaluate.load_rows(str(tmp_path / "gsm8k.jsonl"), EvaluateConfig())
+    assert got[0]["gold"] == "72" and got[0]["prompt"] == rows[0]["question"]
+    math_rows = [{"problem": "What is $1/2 + 1/4$?", "solution": "We add: $\\boxed{\\frac{3}{4}}$."}]
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows))
+    assert evaluate.load_rows(str(tmp_path / "math.jsonl"), EvaluateConfig())[0]["gold"] == "\\frac{3}{4}"
+    short = [{"prompt": "Is 7 prime?", "response": "True"}, {"prompt": "Sort 5, -3, 1.", "response": "-3, 1, 5"}]
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    assert [r["gold"] for r in evaluate.load_rows(str(tmp_path / "short.jsonl"), EvaluateConfig())] == \
+        ["True", "-3, 1, 5"]
 
 
 def test_resolve_paths(tmp_path):
@@ -99,8 +73,10 @@ def test_evaluate_run_on_a_tiny_model(ray_local, demo_small, tmp_path):
     preds = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
     assert [p["correct"] for p in preds] == [answers_match(p["prediction"], p["gold"]) for p in preds]
     assert metrics["overall"]["correct"] == sum(p["correct"] for p in preds)
-    rows = [json.loads(line) for line in open(demo_small["eval"])][:12]
-    ref = reference_losses(model.eval(), rows[:3], tok, cfg.text.template, 256)
+    from s2l_ray.corpus import normalise
+
+    rows = [normalise(json.loads(line), CorpusConfig()) for line in open(demo_small["eval"])][:12]
+    ref = reference_losses(model.eval(), tok, rows[:3], cfg.text)
     assert all(math.isclose(p["loss"], r, rel_tol=1e-4) for p, r in zip(preds, ref))
     assert metrics["overall"]["loss"] == pytest.approx(sum(p["loss"] for p in preds) / 12, rel=1e-6)
     table = (tmp_path / "eval" / "metrics.md").read_text()

@@ -48,9 +48,10 @@ def hand_made_run(root, sources: str = "") -> RunDir:
     for c, part in enumerate((np.arange(0, 5), np.arange(5, n))):
         write_parquet_atomic(run.fs, run.corpus_part(c), pa.table({
             "idx": pa.array(part, pa.int64()), "id": [ids[i] for i in part], "source": [sources[i] for i in part],
-            "prompt": [f"q{i}" for i in part], "response": [f"a{i}" for i in part]}))
+            "prompt": [f"q{i}" for i in part], "response": [f"a{i}" for i in part],
+            "messages": pa.nulls(len(part), pa.string())}))
         files.append(run.corpus_part(c).rsplit("/", 1)[-1])
-    run.update_manifest(corpus={"files": files, "rows": n, "fingerprint": "fp"})
+    run.update_manifest(corpus={"files": files, "part_rows": [5, n - 5], "rows": n, "fingerprint": "fp"})
     for t in range(3):
         paths = []
         for c, part in enumerate((np.arange(0, 5), np.arange(5, n))):

@@ -1,4 +1,7 @@
-"""The proxy stage end to end on a real local Ray: 2 Train workers, trajectories streamed to Parquet."""
+"""The proxy stage end to end on a real local Ray: 2 Train workers, trajectories streamed to Parquet.
+
+The corpus is the small demo (3 sources, written source by source) stored in 8 parts of 8 rows.
+"""
 import json
 import os
 
@@ -20,13 +23,13 @@ def config(demo_small, out, **extra):
     return load_config(None, {"output": str(out), "corpus.path": demo_small["train"],
                               "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
                               "proxy.num_points": T, "proxy.num_workers": 2, "proxy.cpus_per_worker": 0.5,
-                              "proxy.lr": 3e-3, **extra})
+                              "proxy.lr": 3e-3, "corpus.part_rows": 8, **extra})
 
 
 def run_stages(cfg):
-    cfg, tokenizer_dir, inputs = pipeline.prepare_inputs(cfg)
     run = RunDir(cfg.output)
-    corpus = pipeline.run_corpus(run, cfg, tokenizer_dir)
+    cfg, inputs = pipeline.prepare_inputs(cfg, run)
+    corpus = pipeline.run_corpus(run, cfg)
     return run, corpus, pipeline.run_proxy(run, cfg, inputs, corpus)
 
 
@@ -44,6 +47,7 @@ def read_points(run):
 def test_trajectories_are_complete_and_unique(proxy_run, demo_small):
     cfg, run, corpus, stats = proxy_run
     n = corpus["rows"]
+    assert len(corpus["files"]) >= 6
     corpus_ids = pq.read_table(run.corpus_files(), columns=["idx", "id"]).to_pydict()
     points = read_points(run)
     assert sorted(points) == list(range(T))
@@ -68,12 +72,12 @@ def test_trajectories_are_complete_and_unique(proxy_run, demo_small):
 def test_pipeline_loss_equals_checkpoint_loss_alone(proxy_run, demo_small):
     cfg, run, corpus, _ = proxy_run
     tok = load_tokenizer(demo_small["tokenizer"])
-    rows = pq.read_table(run.corpus_files(), columns=["id", "prompt", "response"]).to_pylist()
+    rows = pq.read_table(run.corpus_files(), columns=["id", "prompt", "response", "messages"]).to_pylist()
     for t in (0, T - 1):
         model = load_model(os.path.join(run.proxy_checkpoints()[t]["path"], "model")).eval()
         table = read_points(run)[t].to_pydict()
         got = dict(zip(table["id"], table["loss"]))
-        ref = reference_losses(model, rows, tok, cfg.text.template, cfg.text.max_length)
+        ref = reference_losses(model, tok, rows, cfg.text)
         np.testing.assert_allclose([got[r["id"]] for r in rows], ref, rtol=0, atol=1e-5)
 
 
@@ -98,10 +102,30 @@ def test_unscored_checkpoint_is_scored_without_retraining(proxy_run):
     assert len(new["files"]) >= 1 and all(os.path.exists(f) for f in new["files"])
 
 
-def test_other_seed_refuses_stale_trajectories(proxy_run, demo_small):
+def test_other_proxy_seed_refuses_stale_trajectories(proxy_run, demo_small):
     cfg, run, _, _ = proxy_run
-    with pytest.raises(LayoutError, match="another proxy config or seed"):
-        run_stages(config(demo_small, cfg.output, seed=cfg.seed + 1))
+    with pytest.raises(LayoutError, match=r"another proxy config \(proxy.seed included\)"):
+        run_stages(config(demo_small, cfg.output, **{"proxy.seed": cfg.proxy.seed + 1}))
+
+
+def test_another_selection_seed_reuses_the_trajectories_and_draws_another_subset(proxy_run):
+    cfg, run, _, _ = proxy_run
+    before = {t: [(f, os.path.getmtime(f)) for f in rec["files"]] for t, rec in run.done_points().items()}
+    picked = []
+    for seed in (0, 7):
+        pipeline.select(load_config(None, {**vars_of(cfg), "seed": seed, "select.budgets": "0.25", "cluster.k": 3}))
+        picked.append(pq.read_table(run.selection()).column("id").to_pylist())
+    assert {t: [(f, os.path.getmtime(f)) for f in rec["files"]] for t, rec in run.done_points().items()} == before
+    assert picked[0] != picked[1] and len(picked[0]) == len(picked[1])
+
+
+def test_a_selection_removes_the_files_of_budgets_it_does_not_rewrite(proxy_run):
+    cfg, run, _, _ = proxy_run
+    pipeline.select(load_config(None, {**vars_of(cfg), "select.budgets": "10,20", "cluster.k": 3}))
+    assert os.path.exists(run.selected_jsonl(10)) and not os.path.exists(run.selected_jsonl())
+    pipeline.select(load_config(None, {**vars_of(cfg), "select.budgets": "15", "cluster.k": 3}))
+    left = sorted(f for f in os.listdir(run.root) if f.startswith("select"))
+    assert left == ["selected.jsonl", "selection.parquet"]
 
 
 def test_another_method_or_budget_rescores_nothing(proxy_run):
@@ -119,8 +143,31 @@ def test_another_method_or_budget_rescores_nothing(proxy_run):
     assert {t: [os.path.getmtime(f) for f in rec["files"]] for t, rec in run.done_points().items()} == before
 
 
+def test_training_order_mixes_sources_and_changes_every_epoch(proxy_run):
+    """The order the proxy's workers read (batches.epoch_positions) on this corpus stored sorted by source."""
+    from s2l_ray.batches import epoch_positions
+
+    cfg, run, corpus, _ = proxy_run
+    source = np.array(pq.read_table(run.corpus_files(), columns=["source"]).column("source").to_pylist())
+    n, world = len(source), cfg.proxy.num_workers
+    assert list(source) == sorted(source, key=list(dict.fromkeys(source)).index)  # stored source by source
+    share = {s: float(np.mean(source == s)) for s in set(source)}
+    epochs = [np.concatenate([epoch_positions(n, cfg.proxy.seed, e, r, world) for r in range(world)])
+              for e in range(3)]
+    for order in epochs:
+        assert len(set(order.tolist())) == len(order) == n // world * world
+        for tenth in np.array_split(order, 10):  # 6 rows each: every source within 0.5 of its share (1/3)
+            for s, p in share.items():
+                assert abs(np.mean(source[tenth] == s) - p) <= 0.5
+        halves = np.array_split(order, 2)
+        for s, p in share.items():
+            assert all(abs(np.mean(source[h] == s) - p) < 0.2 for h in halves)
+    assert all(np.mean(epochs[0] != epochs[e]) > 0.8 for e in (1, 2))  # positions differ between epochs
+
+
 def test_same_seed_same_trajectories_and_selection(proxy_run, demo_small, tmp_path):
-    """A second, independent proxy run with the same seed and inputs: identical losses, identical selection."""
+    """A second, independent proxy run with the same seeds and inputs (8 corpus parts, 2 workers):
+    byte-identical trajectory files, identical selection."""
     cfg, run, _, _ = proxy_run
     overrides = {"select.budgets": "0.25", "cluster.k": 3}
     first = pipeline.select(load_config(None, {**vars_of(cfg), **overrides}))
@@ -128,9 +175,9 @@ def test_same_seed_same_trajectories_and_selection(proxy_run, demo_small, tmp_pa
     assert again["proxy"]["trained"] and again["corpus"]["fingerprint"] == first["corpus"]["fingerprint"]
     other = RunDir(str(tmp_path / "again"))
     for t in range(T):
-        a = pq.read_table(run.done_points()[t]["files"], partitioning=None)
-        b = pq.read_table(other.done_points()[t]["files"], partitioning=None)
-        assert a.column("loss").equals(b.column("loss")) and a.column("id").equals(b.column("id"))
+        a, b = run.done_points()[t]["files"], other.done_points()[t]["files"]
+        assert len(a) == len(b) >= 6
+        assert [open(f, "rb").read() for f in a] == [open(f, "rb").read() for f in b]
     ids = [pq.read_table(r.selection()).column("id") for r in (run, other)]
     assert ids[0].equals(ids[1])
     assert open(run.selected_jsonl(), "rb").read() == open(other.selected_jsonl(), "rb").read()
@@ -140,7 +187,8 @@ def vars_of(cfg) -> dict:
     return {"output": cfg.output, "corpus.path": cfg.corpus.path, "text.tokenizer": cfg.text.tokenizer,
             "proxy.epochs": cfg.proxy.epochs, "proxy.batch_size": cfg.proxy.batch_size,
             "proxy.num_points": cfg.proxy.num_points, "proxy.num_workers": cfg.proxy.num_workers,
-            "proxy.cpus_per_worker": cfg.proxy.cpus_per_worker, "proxy.lr": cfg.proxy.lr}
+            "proxy.cpus_per_worker": cfg.proxy.cpus_per_worker, "proxy.lr": cfg.proxy.lr,
+            "corpus.part_rows": cfg.corpus.part_rows}
 
 
 def test_plan_spreads_points_evenly():

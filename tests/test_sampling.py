@@ -90,9 +90,13 @@ def test_resolve_budget_errors(budget, message):
 
 
 def test_jsonl_matches_json_dumps_per_row():
-    rows = pa.table({"id": ['a"b', "x"], "source": ["s/1", "ü"], "prompt": ["line\nbreak\t\x01", "{}"],
-                     "response": ["\\", "😀"]})
-    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.to_pylist())
+    turns = [{"role": "user", "content": "é \"q\""}, {"role": "assistant", "content": "a\n😀"}]
+    rows = pa.table({"id": ['a"b', "x", "c"], "source": ["s/1", "ü", "chat"],
+                     "prompt": ["line\nbreak\t\x01", "{}", "é \"q\""], "response": ["\\", "😀", "a\n😀"],
+                     "messages": [None, None, json.dumps(turns)]})
+    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in [
+        *[{k: r[k] for k in ("id", "source", "prompt", "response")} for r in rows.to_pylist()[:2]],
+        {"id": "c", "source": "chat", "messages": turns}])  # a chat row keeps its turns, as chat data is written
     assert sp.jsonl(rows).decode() == expected
 
 
@@ -107,11 +111,12 @@ def make_clustered_run(root, fingerprint: str = "fp") -> RunDir:
     idx = np.arange(N)
     source = np.where(idx % 6 == 0, "small", np.where(idx % 2 == 0, "mid", "big"))
     corpus = pa.table({"idx": idx, "id": [f"id{i}" for i in idx], "source": source,
-                       "prompt": [f"question {i}" for i in idx], "response": [f"answer {i}" for i in idx]})
+                       "prompt": [f"question {i}" for i in idx], "response": [f"answer {i}" for i in idx],
+                       "messages": pa.nulls(N, pa.string())})
     write_parquet_atomic(run.fs, run.corpus_part(0), corpus.slice(0, 250))
     write_parquet_atomic(run.fs, run.corpus_part(1), corpus.slice(250))
-    run.update_manifest(corpus={"files": ["part-00000.parquet", "part-00001.parquet"], "rows": N,
-                                "fingerprint": "fp"})
+    run.update_manifest(corpus={"files": ["part-00000.parquet", "part-00001.parquet"], "part_rows": [250, N - 250],
+                                "rows": N, "fingerprint": "fp"})
     offset = np.select([source == "big", source == "mid"], [0, 4], 7)
     cluster = (offset + idx * 7 % np.select([source == "big", source == "mid"], [4, 3], 2)).astype(np.int32)
     schema = CLUSTERS_SCHEMA.with_metadata({"corpus_fingerprint": fingerprint})

@@ -6,16 +6,18 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from s2l_ray.models import load_tokenizer, preset_config
-from s2l_ray.scoring import example_losses, labels_from, reference_losses, score_rows
-from s2l_ray.text import (
-    IGNORE_INDEX,
-    collate,
-    group_by_length,
-    length_buckets,
-    tokenize_batch,
-)
+from s2l_ray.config import CorpusConfig, TextConfig
+from s2l_ray.corpus import normalise
+from s2l_ray.scoring import example_losses, reference_losses, score_rows
+from s2l_ray.text import IGNORE_INDEX, collate, encode, group_by_length, labels_from, length_buckets
 
 TEMPLATE = "Question: {prompt}\nAnswer: "
+
+
+def tokenize_batch(tok, prompts, responses, template, max_length):
+    enc = encode(tok, prompts, responses, [None] * len(prompts), template=template, chat=None, max_length=max_length)
+    enc["labels"] = [labels_from(i, s) for i, s in zip(enc["input_ids"], enc["spans"])]
+    return enc
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +79,10 @@ def test_only_response_tokens_count(model, tok, rows):
 
 def test_score_rows_buckets_keep_input_order(model, tok, rows):
     enc = tokenize_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], TEMPLATE, 512)
-    n_prompt = [len(i) - r for i, r in zip(enc["input_ids"], enc["n_response"])]
-    out = score_rows(model, enc["input_ids"], n_prompt, tok.pad_token_id, max_tokens=300, device=torch.device("cpu"))
-    ref = reference_losses(model, rows, tok, TEMPLATE, 512)
+    out = score_rows(model, enc["input_ids"], enc["spans"], tok.pad_token_id, max_tokens=300, device=torch.device("cpu"))
+    ref = reference_losses(model, tok, [normalise(r, CorpusConfig()) for r in rows], TextConfig(template=TEMPLATE))
     np.testing.assert_allclose(out["loss"], ref, rtol=0, atol=1e-5)
-    assert labels_from([5, 6, 7], 2) == [IGNORE_INDEX, IGNORE_INDEX, 7]
+    assert labels_from([5, 6, 7, 8, 9], [2, 3, 4, 5]) == [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, 9]
 
 
 def test_truncation_can_leave_no_response_token(tok):

@@ -55,10 +55,12 @@ def make_run(root, n: int = N, points: int = T) -> RunDir:
     for c, part in enumerate(parts_of(n)):
         table = pa.table({"idx": pa.array(part, pa.int64()), "id": [ids[i] for i in part],
                           "source": ["a" if i % 3 else "b" for i in part],
-                          "prompt": [f"p{i}" for i in part], "response": [f"r{i}" for i in part]})
+                          "prompt": [f"p{i}" for i in part], "response": [f"r{i}" for i in part],
+                          "messages": pa.nulls(len(part), pa.string())})
         write_parquet_atomic(run.fs, run.corpus_part(c), table)
         names.append(run.corpus_part(c).rsplit("/", 1)[-1])
-    run.update_manifest(corpus={"files": names, "rows": n, "fingerprint": "fp"})
+    run.update_manifest(corpus={"files": names, "part_rows": [len(p) for p in parts_of(n)], "rows": n,
+                                "fingerprint": "fp"})
     for t in range(points):
         write_point(run, t, ids, loss_of(np.arange(n), t))
     return run
