@@ -120,7 +120,7 @@ def resolve_data(cfg: FinetuneConfig) -> str:
         return path
     run = RunDir(path)
     manifest = run.read_manifest()
-    if not manifest:
+    if not exists(fs, run.manifest):
         if cfg.budget:
             raise FinetuneError(f"budget={cfg.budget} picks a selection inside a run directory; {path} has no "
                                 "manifest.json")

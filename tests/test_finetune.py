@@ -37,6 +37,7 @@ def selection(demo_small, tmp_path_factory):
     with open(run / "selected.jsonl", "w") as f:
         for i, r in enumerate(rows):
             f.write(json.dumps({"id": f"r{i}", **r}) + "\n")
+    (run / "manifest.json").write_text(json.dumps({"selection": {"budgets": {str(len(rows)): {}}}}))
     return str(run)
 
 
@@ -114,29 +115,39 @@ def test_deepspeed_config_errors(tmp_path):
         finetune.deepspeed_config(FinetuneConfig(deepspeed_config=str(bad)), use_gpu=False)
 
 
-def test_resolve_data(tmp_path, selection):
+def test_resolve_data_follows_the_manifest(tmp_path, selection, demo_small):
     assert finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=selection))).endswith("/selected.jsonl")
     several = tmp_path / "several"
     several.mkdir()
-    for b in (10, 20):
-        (several / f"selected-{b}.jsonl").write_text("{}\n")
-    with pytest.raises(finetune.FinetuneError, match="several selections"):
+    for name in ("selected-10.jsonl", "selected-20.jsonl", "selected.jsonl"):  # the last: an earlier run's, stale
+        (several / name).write_text("{}\n")
+    (several / "manifest.json").write_text(json.dumps({"selection": {"budgets": {"10": {}, "20": {}}}}))
+    with pytest.raises(finetune.FinetuneError, match="budgets 10, 20; choose one with --budget"):
         finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(several))))
     picked = finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(several)), budget=20))
     assert picked.endswith("selected-20.jsonl")
+    with pytest.raises(finetune.FinetuneError, match="no selection of budget 30"):
+        finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(several)), budget=30))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "manifest.json").write_text("{}")
-    with pytest.raises(finetune.FinetuneError, match="without selected.jsonl"):
+    (unfinished / "selected.jsonl").write_text("{}\n")
+    with pytest.raises(finetune.FinetuneError, match="has not finished"):
         finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(unfinished))))
     with pytest.raises(finetune.FinetuneError, match="not found"):
         finetune.resolve_data(FinetuneConfig(corpus=CorpusConfig(path=str(tmp_path / "missing"))))
 
 
+def test_no_model_on_a_users_run_is_refused_with_advice(selection):
+    with pytest.raises(finetune.FinetuneError, match="selected from your own corpus: pass --model"):
+        finetune.resolve_model(FinetuneConfig(corpus=CorpusConfig(path=selection)))
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(resumed):
     summary, step, _ = resumed
-    assert summary["status"] == "done" and summary["dropped_no_response"] == 1 and summary["rows"] == 60
+    assert summary["status"] == "done" and summary["rows"] == 60
+    assert summary["data_stats"]["dropped"]["no_response_tokens"] == 1
     total = summary["plan"]["total_steps"]
     assert 0 < step < total, "the job was not killed mid-training"
     assert summary["resumed_from_step"] == step
@@ -149,8 +160,9 @@ def test_killed_run_resumes_from_its_checkpoint(resumed):
 def test_training_lowers_loss_and_exports_a_loadable_model(run, request, demo_small):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from s2l_ray.evaluate import response_losses
+    from s2l_ray.corpus import normalise
     from s2l_ray.models import build_model, load_tokenizer
+    from s2l_ray.scoring import reference_losses
 
     summary = request.getfixturevalue(run)
     summary = summary[0] if run == "resumed" else summary
@@ -158,10 +170,10 @@ def test_training_lowers_loss_and_exports_a_loadable_model(run, request, demo_sm
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
     model = AutoModelForCausalLM.from_pretrained(summary["model"])
     tok = AutoTokenizer.from_pretrained(summary["model"])
-    rows = [json.loads(line) for line in open(demo_small["train"])][:16]
-    args = ([r["prompt"] for r in rows], [r["response"] for r in rows], TextConfig().template, 256)
+    rows = [normalise(json.loads(line), CorpusConfig()) for line in open(demo_small["train"])][:16]
     fresh = build_model("tiny", load_tokenizer(demo_small["tokenizer"]), seed=0, max_length=256).eval()
-    assert response_losses(model.eval(), tok, *args)[0].mean() < response_losses(fresh, tok, *args)[0].mean() - 0.3
+    text = TextConfig(max_length=256)
+    assert reference_losses(model.eval(), tok, rows, text).mean() < reference_losses(fresh, tok, rows, text).mean() - 0.3
     ids = tok("Question: Find the GCD of 12 and 18.\nAnswer: ", return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
@@ -174,7 +186,7 @@ def test_resumed_zero2_equals_uninterrupted_zero3(resumed, zero3):
     a = load_file(str(Path(resumed[0]["model"]) / "model.safetensors"))
     b = load_file(str(Path(zero3["model"]) / "model.safetensors"))
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # resumed at the exact position of its data
     la, lb = ([e["loss"] for e in r["log"] if "loss" in e] for r in (resumed[0], zero3))
     assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
 
