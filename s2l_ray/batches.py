@@ -52,7 +52,7 @@ def load(uri: str, paths: list[str], rows: list[int]) -> Data:
     """Load the corpus parts at ``paths`` (inside the run directory ``uri``) into the object store."""
     import ray
 
-    task = ray.remote(_load_part).options(num_cpus=0.5)
+    task = ray.remote(_load_part).options(num_cpus=0)  # never waits behind the workers that need it
     return Data(tuple(task.remote(uri, p) for p in paths), tuple(rows))
 
 

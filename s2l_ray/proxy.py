@@ -57,18 +57,6 @@ def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
     return Plan(per_worker, spe, total, points)
 
 
-def check_room_for_data(cfg: ProxyConfig, use_gpu: bool) -> None:
-    """On a single CPU machine, refuse a worker layout that leaves no CPU to read the training data (it would hang)."""
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if use_gpu or cpus == 0 or len(ray.nodes()) != 1:
-        return  # GPU workers, or a head that only schedules: the cluster can add room
-    free = cpus - cfg.num_workers * cfg.cpus_per_worker
-    if free < 0.5:
-        raise ProxyError(f"{cfg.num_workers} proxy workers x {cfg.cpus_per_worker} CPUs leave {free:g} of this "
-                         f"machine's {cpus:g} CPUs for Ray Data, which needs 0.5 to feed them; lower "
-                         "proxy.cpus_per_worker (a logical share, e.g. 0.5) or proxy.num_workers")
-
-
 def _initial_model(spec: dict) -> torch.nn.Module:
     """``{"dir": local model dir}`` (present on every node) or ``{"config": ..., "seed": ...}``."""
     from transformers import AutoModelForCausalLM
@@ -232,7 +220,6 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     if not todo:
         return stats
     use_gpu = resolve_gpu(proxy.use_gpu)
-    check_room_for_data(proxy, use_gpu)
     coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
     for t in todo:  # persisted before an interruption, never scored
         if t in ckpts:

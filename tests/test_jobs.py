@@ -95,7 +95,7 @@ def test_select_job_submitted_to_a_ray_head(ray_head, demo_small, tmp_path):
     assert stored.returncode == 0, stored.stderr[-2000:]
     job_logs = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stored.stdout)  # colour and cursor codes
     stamp = r"\[s2l \d\d:\d\d:\d\d\] "
-    for pattern in (stamp + "corpus: 60 rows, 3 sources", stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers",
+    for pattern in (stamp + r"corpus: 60 rows in 1 parts \(1 pieces read\), 3 sources", stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers",
                     r"Started training worker group of size 2",  # Ray Train
                     r"\(RayTrainWorker pid=\d+\) \[proxy\] point 1/2 at step 2/4 train_loss=",
                     r"\(RayTrainWorker pid=\d+\) \[proxy\] point 2/2 at step 4/4",
@@ -119,14 +119,45 @@ def test_select_job_submitted_to_a_ray_head(ray_head, demo_small, tmp_path):
     print(f"job took {time.time() - started:.0f}s")
 
 
-def test_select_job_refuses_bad_input_with_one_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"\n')
-    proc = subprocess.run([sys.executable, "jobs/select.py", "--data", str(bad), "--output", str(tmp_path / "r"),
-                           "--set", "text.tokenizer=/nonexistent/tokenizer"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "error: tokenizer directory does not exist: /nonexistent/tokenizer" in proc.stderr
-    proc = subprocess.run([sys.executable, "jobs/select.py", "--set", "proxy.epoch=2"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+def _select(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "select.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("data,extra,message", [
+    ("bad.jsonl", ["--set", "text.tokenizer=/nonexistent/tokenizer"], r"bad\.jsonl:2: malformed JSON"),
+    ("bad.jsonl", ["--proxy-model", "/nonexistent/model"], r"bad\.jsonl:2: malformed JSON"),
+    ("bad.jsonl", [], r"bad\.jsonl:2: malformed JSON"),
+    ("missing.jsonl", [], r"corpus path does not exist: .*missing\.jsonl"),
+    ("missing.jsonl", ["--proxy-model", "/nonexistent/model"], r"corpus path does not exist"),
+    ("good.jsonl", ["--set", "text.tokenizer=/nonexistent/tokenizer"], r"tokenizer directory does not exist"),
+])
+def test_bad_input_gives_one_error_line_whatever_else_is_given(tmp_path, data, extra, message):
+    """Data errors are reported first, before any model or tokenizer error, with or without them."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"\n')
+    (tmp_path / "good.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    proc = _select(["--data", str(tmp_path / data), "--output", str(tmp_path / "r"), *extra], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    proc = _select(["--set", "proxy.epoch=2"], tmp_path)
     assert proc.returncode == 2 and "unknown key 'proxy.epoch'" in proc.stderr and "epochs" in proc.stderr
+
+
+@pytest.mark.slow
+def test_data_alone_trains_a_tokenizer_and_runs_the_whole_selection(tmp_path, demo_small):
+    """`python jobs/select.py --data X.jsonl`: no model, no tokenizer, no other flag (output: ./runs/demo)."""
+    rows = [json.loads(line) for line in open(demo_small["train"])]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({**r, "prompt": f"{r['prompt']} (case {k})"}) + "\n"
+                            for k in range(4) for r in rows))  # 240 rows: room for the default K=100
+    proc = _select(["--data", str(data)], tmp_path, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = tmp_path / "runs" / "demo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["text"]["tokenizer"] == str(out / "tokenizer") and not manifest["demo"]
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and manifest["clusters"]["k"] == 100
+    assert manifest["selection"]["budgets"] == {"24": manifest["selection"]["budgets"]["24"]}
+    assert f"next: python jobs/finetune.py --data {out} --model /path/to/your/target-model" in proc.stdout
