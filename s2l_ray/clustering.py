@@ -230,6 +230,14 @@ def cluster_means(x: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndar
         return sums / sizes[:, None]
 
 
+def source_purity(labels: np.ndarray, sources: np.ndarray) -> float:
+    """The share of rows whose cluster's most common source is their own: 1 when clusters are just
+    sources (or parts of one), near the largest source's share when they ignore sources."""
+    table = np.zeros((int(labels.max()) + 1, int(sources.max()) + 1), np.int64)
+    np.add.at(table, (labels, sources), 1)
+    return float(table.max(axis=1).sum() / len(labels))
+
+
 def write_clusters(run: RunDir, labels: np.ndarray, dist: np.ndarray, fingerprint: str | None) -> None:
     """Stream ``clusters.parquet`` corpus file by corpus file (ids and sources read from the corpus)."""
     schema = CLUSTERS_SCHEMA.with_metadata({"corpus_fingerprint": fingerprint or ""})
@@ -267,8 +275,9 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
     with _timed(timings, "trajectories"):
         plan = trajectories.plan(run, cfg, num_points)
         n = plan.n
+        codes, sources = corpus_sources(run)
         if cfg.per_source:
-            codes, names = corpus_sources(run)
+            names = sources
             groups = [np.flatnonzero(codes == g) for g in range(len(names))]
             ks = [min(cfg.k, len(r)) for r in groups]
         else:
@@ -301,6 +310,7 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
              "points": list(plan.points), "steps": list(plan.steps), "sample_size": len(xs),
              "inertia": float(dist.sum(dtype=np.float64)), "cluster_sizes": sizes.tolist(),
              "empty_clusters": int((sizes == 0).sum()), "nan_count": nan_count,
+             "source_purity": source_purity(labels, codes),
              "fingerprint_checked": plan.fingerprint_checked, "timings": timings}
     if cfg.per_source:
         stats["sources"] = {s: {"rows": len(r), "k": kg, "first_cluster": int(o)}

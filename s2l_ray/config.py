@@ -171,7 +171,6 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     cpus_per_worker: float = 1.0  # torch threads per worker = max(1, int(this))
     gpus_per_worker: float = 1.0
-    shuffle_buffer: int = 10000  # rows in each worker's per-epoch shuffle buffer
     length_window: int = 1  # >1: rows grouped by length within windows of this many micro-batches (less padding)
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
     text: TextConfig = field(default_factory=TextConfig)

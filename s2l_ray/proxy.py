@@ -79,9 +79,9 @@ def train_loop(config: dict) -> None:
     """Ray Train worker loop: the proxy fine-tuning run with T checkpoint reports."""
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
     from transformers import get_scheduler
 
+    from .models import load_model
     from .text import collate, labels_from
 
     torch.set_num_threads(config["threads"])
@@ -89,16 +89,18 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model = _initial_model(config["model"])
+    step = 0
+    resume = ray.train.get_checkpoint() or config["resume"]
+    if resume is None:
+        model = _initial_model(config["model"])
+    else:  # loaded as a model directory: transformers maps saved names (embed_out) to the module's (lm_head)
+        with resume.as_directory() as d:
+            model = load_model(os.path.join(d, "model"))
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = get_scheduler(config["schedule"], optimizer, num_warmup_steps=config["warmup_steps"],
                               num_training_steps=config["total_steps"])
-    step = 0
-    resume = ray.train.get_checkpoint() or config["resume"]
     if resume is not None:
-        with resume.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model", "model.safetensors")), strict=False)
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]

@@ -161,3 +161,11 @@ def test_report_draws_a_spread_subset_of_large_k():
     assert shown[0] == 99 and shown[-1] == 1 and 0 not in shown
     png = report.plot_clusters(np.random.default_rng(0).random((100, 12)), sizes, list(range(12)))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_source_purity_hand_worked():
+    # cluster 0: sources a a b (majority 2), cluster 1: b b (2), cluster 2: c (1) -> (2 + 2 + 1) / 6
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    sources = np.array([0, 0, 1, 1, 1, 2])
+    assert cl.source_purity(labels, sources) == pytest.approx(5 / 6)
+    assert cl.source_purity(np.zeros(4, np.int64), np.array([0, 1, 1, 1])) == 0.75  # one cluster: the largest source

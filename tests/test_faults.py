@@ -6,10 +6,15 @@ names each worker process after its actor and running method (``ray::RayTrainWor
 ``ray::MapWorker(MapBatches(LossScorer)).submit``), and /proc must show that name right before
 the kill:
 
-1. a Ray Train worker of the proxy TorchTrainer, once trajectory point 0 is in the checkpoint
-   index (training is then between points: Ray Train's controller takes one report per poll);
-2. the Ray Data actor scoring a trajectory point, while it runs its map task on a corpus part;
+1. a Ray Train worker of the proxy TorchTrainer, mid-epoch: once trajectory point 0 (step 4 of
+   the 8-step first epoch) is in the checkpoint index, every Train worker is stopped (SIGSTOP), the
+   index is read again to check that the last point is not reached, and one worker is killed;
+2. the Ray Data actor scoring a trajectory point, while it runs its map task on a corpus part:
+   stopped when /proc names it ``...submit``, its name read again while it cannot change, killed;
 3. the driver itself, once training is over and at least one point is scored but not all.
+
+Each kill thus lands in a state that was checked while frozen, not at a moment hoped for. The
+resumed proxy must end with the same weights as an uninterrupted run of the same command.
 
 The same command is then run again (with the hidden temporaries a kill inside an atomic write
 would leave placed first); the last test selects once more from a copy of that run.
@@ -25,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +42,7 @@ from s2l_ray.layout import TRAJECTORY_SCHEMA, RunDir, _temporary
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_WORKER = "ray::RayTrainWorker"
 SCORER = "ray::MapWorker(MapBatches(LossScorer))"
-T = 3
+T = 4  # points at steps 4, 8, 12 and 16 of 2 epochs of 8 steps
 COPIES = 4  # the corpus: the 60 demo rows 4 times under distinct ids (240 rows, so a part takes a while to score)
 
 
@@ -87,6 +93,15 @@ def descendants(pid: int) -> set[int]:
 def find(root: int, prefix: str) -> int | None:
     """A running descendant of ``root`` whose name starts with ``prefix``."""
     return next((p for p in sorted(descendants(root)) if title(p).startswith(prefix) and running(p)), None)
+
+
+def frozen(pid: int, ready) -> bool:
+    """SIGSTOP ``pid``; True if ``ready()`` holds while it is stopped (it stays stopped), else it goes on."""
+    os.kill(pid, signal.SIGSTOP)
+    if ready():
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def sigkill(pid: int, prefix: str) -> str:
@@ -153,7 +168,7 @@ def check_trusted_artifacts_whole(run: RunDir) -> None:
 
 def select_argv(data: str, tokenizer: str, out) -> list[str]:
     return ["--data", data, "--output", str(out), "--budget", "12", "--clusters", "4", "--num-workers", "2",
-            "--seed", "3", "--set", f"text.tokenizer={tokenizer}", "--set", "proxy.epochs=1",
+            "--seed", "3", "--set", f"text.tokenizer={tokenizer}", "--set", "proxy.epochs=2",
             "--set", f"proxy.num_points={T}", "--set", "proxy.batch_size=16", "--set", "proxy.cpus_per_worker=0.5",
             "--set", "proxy.lr=0.003"]
 
@@ -183,19 +198,23 @@ def faults(demo_small, tmp_path_factory):
         first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         tree: set[int] = set()
         try:
-            # 1. a proxy Train worker, as soon as trajectory point 0 is in the checkpoint index
+            # 1. a proxy Train worker, mid-epoch: every worker stopped once point 0 is in the checkpoint index
             wait_for(lambda: alive() and 0 in run.proxy_checkpoints(), 500, "trajectory point 0's checkpoint",
                      interval=0.01)
-            victim = find(first.pid, TRAIN_WORKER)
-            index = sorted(run.proxy_checkpoints())
-            assert victim is not None, "no Train worker process found"
-            events["train"] = {"index_at_kill": index, "title": sigkill(victim, TRAIN_WORKER),
+            workers = [p for p in sorted(descendants(first.pid)) if title(p).startswith(TRAIN_WORKER) and running(p)]
+            assert len(workers) == 2, f"Train workers: {workers}"
+            for p in workers:
+                os.kill(p, signal.SIGSTOP)
+            index = sorted(run.proxy_checkpoints())  # no worker can train on: the last point is not coming
+            assert T - 1 not in index, f"training reached its last point before the workers were stopped: {index}"
+            events["train"] = {"index_at_kill": index, "title": sigkill(workers[0], TRAIN_WORKER),
                                "at": round(time.time() - started, 1)}
+            os.kill(workers[1], signal.SIGCONT)
 
             # 2. the scoring actor, while it runs a map task (its process is named <class>.submit meanwhile)
             scorer = wait_for(lambda: alive() and find(first.pid, SCORER), 300, "a scoring actor")
-            wait_for(lambda: alive() and title(scorer).endswith(".submit"), 300, "the scoring actor to work",
-                     interval=0.002)
+            wait_for(lambda: alive() and frozen(scorer, lambda: title(scorer).endswith(".submit")), 300,
+                     "the scoring actor stopped inside its map task", interval=0.002)
             t = min(set(run.proxy_checkpoints()) - set(run.done_points()))  # points are scored in order
             events["scorer"] = {"t": t, "parts_before": part_files(run, t), "title": sigkill(scorer, SCORER),
                                 "killed": time.time(), "at": round(time.time() - started, 1)}
@@ -251,8 +270,8 @@ def rerun_ok(faults) -> None:
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
 
 
-def test_train_worker_killed_between_points_training_resumes_from_last_checkpoint(faults):
-    run, _, events, at_kill, _, _ = faults
+def test_train_worker_killed_mid_epoch_training_resumes_exactly(faults, ray_local, tmp_path):
+    run, argv, events, at_kill, _, _ = faults
     rerun_ok(faults)
     assert events["train"]["title"].startswith(TRAIN_WORKER)
     last = max(events["train"]["index_at_kill"])
@@ -263,7 +282,30 @@ def test_train_worker_killed_between_points_training_resumes_from_last_checkpoin
     steps = run.read_manifest()["proxy"]["plan"]["point_steps"]
     assert sorted(ckpts) == list(range(T)) and [ckpts[t]["step"] for t in range(T)] == steps
     assert [ckpts[t]["start_step"] for t in range(T)] == [0] * (last + 1) + [steps[last]] * (T - 1 - last)
+    assert steps[last] % (steps[-1] // 2) != 0 or last > 0  # resumed from a point inside an epoch
     check_trajectories(run)
+    # the resumed run continued with exactly the batches of an uninterrupted run of the same command
+    from safetensors.torch import load_file
+
+    from s2l_ray import pipeline
+    from s2l_ray.config import load_config
+
+    flags = dict(zip(argv[::2], argv[1::2]))
+    sets = [v for k, v in zip(argv[::2], argv[1::2]) if k == "--set"]
+    reference = tmp_path / "uninterrupted"
+    cfg = load_config(None, {"corpus.path": flags["--data"], "output": str(reference), "proxy.num_workers": 2,
+                             **dict(kv.split("=", 1) for kv in sets)})
+    manifest = pipeline.select(replace(cfg, select=replace(cfg.select, budgets=[12]), seed=3,
+                                       cluster=replace(cfg.cluster, k=4)))
+    assert manifest["proxy"]["trained"]
+    ref = RunDir(str(reference))
+    a = load_file(os.path.join(ckpts[T - 1]["path"], "model", "model.safetensors"))
+    b = load_file(os.path.join(ref.proxy_checkpoints()[T - 1]["path"], "model", "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    for t in range(T):
+        la = pq.read_table(run.done_points()[t]["files"], partitioning=None).column("loss").to_numpy()
+        lb = pq.read_table(ref.done_points()[t]["files"], partitioning=None).column("loss").to_numpy()
+        np.testing.assert_allclose(la, lb, rtol=0, atol=1e-6)
 
 
 def test_scoring_actor_killed_midway_loses_and_duplicates_nothing(faults):
@@ -286,8 +328,8 @@ def test_scoring_actor_killed_midway_loses_and_duplicates_nothing(faults):
     check_trajectories(run)
     # the rewritten part holds the checkpoint's own losses
     model = load_model(os.path.join(at_kill["checkpoints"][t]["path"], "model")).eval()
-    src = pq.read_table(run.corpus_files(), columns=["input_ids", "n_prompt"])
-    ref = score_rows(model, src.column("input_ids").to_pylist(), src.column("n_prompt").to_pylist(),
+    src = pq.read_table(run.corpus_files(), columns=["input_ids", "spans"])
+    ref = score_rows(model, src.column("input_ids").to_pylist(), src.column("spans").to_pylist(),
                      model.config.pad_token_id or 0, 8192, torch.device("cpu"))["loss"]
     got = pq.read_table(files, partitioning=None).sort_by("idx")
     np.testing.assert_allclose(got.column("loss").to_numpy(), ref, rtol=0, atol=1e-5)
