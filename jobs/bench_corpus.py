@@ -16,30 +16,10 @@ import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 import threading
 import time
-
-
-def write_rows(path: str, n: int, seed: int = 0) -> int:
-    """N word problems with worked answers, as one JSONL file; returns its size in bytes."""
-    rng = random.Random(seed)
-    names = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
-    things = ["apples", "books", "marbles", "stamps", "coins", "pencils", "shells", "cards"]
-    with open(path, "w") as f:
-        for i in range(n):
-            a, b, c = rng.randint(2, 999), rng.randint(2, 999), rng.randint(2, 30)
-            who, what = rng.choice(names), rng.choice(things)
-            prompt = (f"{who} has {a} {what} and buys {b} more. Then {who} gives away a {c}th of them, rounded "
-                      f"down. How many {what} does {who} have left?")
-            total = a + b
-            response = f"{a} + {b} = {total}. {total} // {c} = {total // c}. {total} - {total // c} = " \
-                       f"{total - total // c}.\n#### {total - total // c}"
-            f.write(json.dumps({"id": f"r{i}", "source": f"s{i * 10 // n}", "prompt": prompt,
-                                "response": response}) + "\n")
-    return os.path.getsize(path)
 
 
 def pss(pid: int) -> int:
@@ -108,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     data = os.path.join(a.output, f"rows-{a.rows}.jsonl")
     if not os.path.exists(data):
         t0 = time.time()
-        size = write_rows(data, a.rows)
+        size = demo.write_word_problems(data, a.rows)
         print(f"wrote {a.rows:,} rows, {size / 2**20:.0f} MiB, in {time.time() - t0:.1f}s")
     run = RunDir(os.path.join(a.output, "run"))
     shutil.rmtree(run.root, ignore_errors=True)

@@ -1,16 +1,18 @@
-"""Scoring throughput: the pipeline's batched Ray Data scoring vs one example at a time.
+"""Scoring throughput on real proxy shapes: the batched scorer against the official one-at-a-time loop.
 
-Both score the same corpus with the same checkpoint. The reference loop is the official S2L
-method (tokenise one example, forward it with labels, read the loss); the pipeline is
-``scoring.score_point`` (length-bucketed batches in a Ray Data actor pool, stored token ids),
-timed end to end including Ray Data's start-up, and ``scoring.score_rows`` in-process.
+    python jobs/bench_scoring.py --model-shape pythia-70m
+    python jobs/bench_scoring.py --model-shape tiny --rows 20000 --reference-rows 2000
 
-Scoring is compute-bound on a CPU, so the run also measures where the ceiling is: the matmul
-FLOPs that batched scoring does per example (counted by torch's FlopCounterMode on a sample)
-and this machine's fp32 matmul rate (a 2048 x 2048 product). Their quotient bounds the
-examples/s any exact fp32 scorer of this model can reach here, and so the ratio to the reference.
+The model is a GPT-NeoX built from config with random weights: ``tiny`` (the demo proxy), or the
+sizes of Pythia-70M / Pythia-160M with their 50,304-token vocabulary. The reference is the
+official S2L loop as it is: one example at a time, ``model(input_ids, labels=...)`` with the full
+LM head over every position, fp32. The scorer is ``scoring.score_rows`` (length buckets, LM head
+and softmax on response positions only) in-process, and ``scoring.score_point`` (the Ray Data
+actor pool, start-up included). Both score the same stored rows.
 
-    python jobs/bench_scoring.py --rows 2000 --preset tiny
+Printed: examples/s of each and their ratio; the matmul FLOPs each needs per example (counted by
+torch's FlopCounterMode on a sample); this machine's fp32 matmul rate (a 2048 x 2048 product,
+same threads); and each one's achieved rate as a share of it.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ from s2l_ray import demo
 from s2l_ray.config import CorpusConfig, DemoConfig, ScoringConfig, TextConfig
 from s2l_ray.corpus import store
 from s2l_ray.layout import RunDir
-from s2l_ray.models import build_model, load_tokenizer, save_model
+from s2l_ray.models import load_tokenizer, preset_config, save_model
 from s2l_ray.scoring import reference_losses, score_point, score_rows
+
+VOCAB = {"tiny": 0, "pythia-70m": 50304, "pythia-160m": 50304}
 
 
 def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
@@ -53,13 +57,17 @@ def counted_flops(fn) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=2000, help="examples scored by the pipeline")
-    p.add_argument("--reference-rows", type=int, default=500, help="examples scored one at a time")
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, small, base)")
+    p.add_argument("--model-shape", default="pythia-70m", choices=sorted(VOCAB))
+    p.add_argument("--rows", type=int, default=2000, help="examples scored by the batched scorer")
+    p.add_argument("--reference-rows", type=int, default=300, help="examples scored one at a time")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--output", default=None, help="work directory (default: a temporary one)")
     a = p.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from s2l_ray.corpus import normalise
 
     work = a.output or tempfile.mkdtemp(prefix="s2l-bench-scoring-")
     per_source = -(-a.rows // len(DemoConfig().sources))
@@ -68,24 +76,30 @@ def main() -> None:
     text = TextConfig()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     run = RunDir(os.path.join(work, "run"))
-    stats = store(run, CorpusConfig(path=paths["train"]), text, paths["tokenizer"])
+    stats = store(run, CorpusConfig(path=paths["train"]), text, paths["tokenizer"], part_rows=1024)
     run.update_manifest(corpus=stats)
     n = stats["rows"]
-    model = build_model(a.preset, tok, seed=0).eval()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        preset_config(a.model_shape, tok, text.max_length, vocab_size=VOCAB[a.model_shape])).eval()
     ckpt_dir = os.path.join(work, "checkpoint")
     save_model(model, None, os.path.join(ckpt_dir, "model"))
-    rows = pq.read_table(run.corpus_files(), columns=["id", "prompt", "response", "input_ids", "n_prompt"]).to_pylist()
-    print(f"corpus: {n} rows, {stats['tokens']} tokens; model preset {a.preset}; torch threads "
-          f"{torch.get_num_threads()}; {os.cpu_count()} CPUs")
+    rows = pq.read_table(run.corpus_files(), columns=["id", "prompt", "response", "messages", "input_ids",
+                                                      "spans"]).to_pylist()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"corpus: {n} rows, {stats['tokens']} tokens; model {a.model_shape} ({params / 1e6:.1f}M parameters, "
+          f"vocab {model.config.vocab_size}); torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs")
 
     ref_rows = rows[:: max(1, n // a.reference_rows)][: a.reference_rows]  # spread over every source
+    norm = [normalise({k: r[k] for k in ("id", "prompt", "response")}, CorpusConfig()) for r in ref_rows]
     start = time.perf_counter()
-    ref = reference_losses(model, ref_rows, tok, text.template, text.max_length)
+    ref = reference_losses(model, tok, norm, text)
     ref_rate = len(ref_rows) / (time.perf_counter() - start)
 
+    ids, spans = [r["input_ids"] for r in rows], [r["spans"] for r in rows]
+    score_rows(model, ids[:64], spans[:64], tok.pad_token_id, a.max_tokens, torch.device("cpu"))  # warm-up
     start = time.perf_counter()
-    local = score_rows(model, [r["input_ids"] for r in rows], [r["n_prompt"] for r in rows], tok.pad_token_id,
-                       a.max_tokens, torch.device("cpu"))
+    local = score_rows(model, ids, spans, tok.pad_token_id, a.max_tokens, torch.device("cpu"))
     local_rate = n / (time.perf_counter() - start)
 
     cfg = ScoringConfig(num_actors=a.actors, cpus_per_actor=max(0.5, (os.cpu_count() - 0.5) / a.actors),
@@ -95,26 +109,29 @@ def main() -> None:
     pipe_rate = n / (time.perf_counter() - start)
     got = pq.read_table(run.done_points()[0]["files"], partitioning=None, columns=["id", "loss"]).to_pydict()
     by_id = dict(zip(got["id"], got["loss"]))
-    err = max(abs(by_id[r["id"]] - x) for r, x in zip(ref_rows, ref))
     local_by_id = dict(zip((r["id"] for r in rows), local["loss"]))
-    err = max(err, max(abs(local_by_id[r["id"]] - x) for r, x in zip(ref_rows, ref)))
+    err = max(max(abs(by_id[r["id"]] - x), abs(local_by_id[r["id"]] - x)) for r, x in zip(ref_rows, ref))
 
-    sample = rows[:: max(1, n // 1000)][:1000]
+    sample = rows[:: max(1, n // 500)][:500]
     with torch.no_grad():
-        flops = counted_flops(lambda: score_rows(model, [r["input_ids"] for r in sample], [r["n_prompt"] for r in sample],
+        flops = counted_flops(lambda: score_rows(model, [r["input_ids"] for r in sample], [r["spans"] for r in sample],
                                                  tok.pad_token_id, a.max_tokens, torch.device("cpu"))) / len(sample)
+        sample_norm = [normalise({k: r[k] for k in ("id", "prompt", "response")}, CorpusConfig()) for r in sample[:100]]
+        ref_flops = counted_flops(lambda: reference_losses(model, tok, sample_norm, text)) / len(sample_norm)
     peak = matmul_rate()
-    ceiling = peak / flops
 
-    print(f"reference, one example at a time : {ref_rate:9.1f} examples/s ({len(ref_rows)} examples)")
-    print(f"score_rows in-process (batched)  : {local_rate:9.1f} examples/s  ratio {local_rate / ref_rate:6.1f}x")
-    print(f"pipeline score_point (Ray Data)  : {pipe_rate:9.1f} examples/s  ratio {pipe_rate / ref_rate:6.1f}x "
-          f"({a.actors} actors, start-up included)")
-    print(f"max |loss difference| vs reference: {err:.2e}")
-    print(f"batched scoring: {flops / 1e6:.1f} MFLOP of matmul per example; this CPU's fp32 matmul rate "
-          f"{peak / 1e9:.1f} GFLOP/s; in-process scoring runs at {local_rate * flops / 1e9:.1f} GFLOP/s "
-          f"({100 * local_rate / ceiling:.0f}% of it)")
-    print(f"ceiling at that rate: {ceiling:9.1f} examples/s = {ceiling / ref_rate:.1f}x the reference")
+    def share(rate: float, f: float) -> str:
+        return f"{rate * f / 1e9:6.1f} GFLOP/s = {100 * rate * f / peak:3.0f}% of the matmul rate"
+
+    print(f"official loop, one example at a time: {ref_rate:8.1f} examples/s, {ref_flops / 1e6:7.1f} MFLOP/example, "
+          f"{share(ref_rate, ref_flops)}")
+    print(f"score_rows in-process (batched)     : {local_rate:8.1f} examples/s, {flops / 1e6:7.1f} MFLOP/example, "
+          f"{share(local_rate, flops)}; {local_rate / ref_rate:.1f}x the official loop")
+    print(f"score_point, Ray Data actor pool    : {pipe_rate:8.1f} examples/s ({a.actors} actors, start-up included); "
+          f"{pipe_rate / ref_rate:.1f}x the official loop")
+    print(f"this CPU's fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s; the response-only head needs "
+          f"{ref_flops / flops:.2f}x fewer FLOPs, so 100% of that rate would be {peak / flops / ref_rate:.1f}x")
+    print(f"max |loss difference| vs the official loop: {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,11 @@ from pyarrow.fs import LocalFileSystem
 from . import methods, pipeline
 from .config import BenchmarkConfig, ConfigError, SelectConfig, to_dict
 from .layout import RunDir, stage_key, write_json_atomic
+from .progress import log as _log
 
 
 def log(msg: str) -> None:
-    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    _log(msg, "benchmark")
 
 
 def _read(path: Path) -> dict | None:

@@ -1,12 +1,14 @@
 """K-means on the loss trajectories: fit on a sample, assign every example with Ray Data.
 
-The fit runs in the driver on at most ``k * max_points_per_centroid`` uniformly sampled rows
-(faiss's own default cap, 256 per centroid), gathered from the trajectory files by Ray Data
-tasks: faiss on CPU, cuML on GPU. Both start from k-means++ seeding (cuML's scalable k-means++;
+The fit runs in a Ray task (holding a GPU with cuML, so it runs where the GPUs are, not on a CPU
+head) on at most ``k * max_points_per_centroid`` uniformly sampled rows (faiss's own default
+cap, 256 per centroid), gathered from the trajectory files by Ray Data tasks: faiss on CPU,
+cuML on GPU. Both start from k-means++ seeding (cuML's scalable k-means++;
 for faiss, seeds drawn here, where plain faiss and the official code start from k random rows,
 which often merges well-separated clusters). Every row is then assigned by Ray Data tasks, each
 reading its corpus parts' trajectory files (``trajectories.map_parts``), so the N x T matrix is
-never built; ``distance`` is the squared L2 distance to the assigned centroid, per row.
+never built (with cuML, each assignment task holds a GPU); ``distance`` is the squared L2
+distance to the assigned centroid, per row.
 ``report.png`` draws the cluster means of the fit sample.
 
 With ``per_source`` one k-means is fitted per corpus source (sources in name order), with
@@ -19,6 +21,7 @@ fingerprint so that later stages can refuse a stale file.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 
@@ -53,15 +56,27 @@ def cuml_usable() -> bool:
 
 
 def resolve_backend(name: str) -> str:
-    """``auto`` is cuml when usable, else faiss; an unusable cuml is an error."""
+    """``faiss``, or ``cuml`` where the GPUs are: on a Ray cluster with GPUs, a task holding one GPU checks
+    that cuML imports and sees it (the driver may run on a CPU head); ``auto`` falls back to faiss,
+    ``cuml`` is then an error. Without Ray, this process is asked."""
+    import ray
+
     if name not in BACKENDS:
         raise ClusteringError(f"cluster.backend must be one of {list(BACKENDS)}, not {name!r}")
-    if name == "auto":
-        return "cuml" if cuml_usable() else "faiss"
-    if name == "cuml" and not cuml_usable():
-        raise ClusteringError("cluster.backend 'cuml' needs cuML (pip install 's2l-ray[gpu]') and a visible GPU; "
+    if name == "faiss":
+        return name
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+        usable = gpus > 0 and ray.get(ray.remote(cuml_usable).options(num_cpus=0, num_gpus=1).remote())
+        where = f"on a GPU node of this cluster ({gpus:g} GPUs)"
+    else:
+        usable, where = cuml_usable(), "in this process"
+    if usable:
+        return "cuml"
+    if name == "cuml":
+        raise ClusteringError(f"cluster.backend 'cuml' needs cuML (pip install 's2l-ray[gpu]') and a GPU {where}; "
                               "use 'faiss' or 'auto'")
-    return name
+    return "faiss"
 
 
 def kmeans_pp_seeds(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -121,16 +136,36 @@ def fit_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.nd
 
 def fit(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, backend: str = "faiss",
         max_points_per_centroid: int = 256) -> np.ndarray:
-    """Centroids [k, d] of k-means fitted on a seeded sample of at most ``k * max_points_per_centroid`` rows of x."""
+    """Centroids [k, d] of k-means (``backend`` faiss or cuml, here) fitted on a seeded sample of at most
+    ``k * max_points_per_centroid`` rows of x."""
     check_k(k, len(x))
     if max_points_per_centroid < 1:
         raise ClusteringError(f"cluster.max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
+    if backend not in FITTERS:
+        raise ClusteringError(f"k-means backend must be one of {sorted(FITTERS)}, not {backend!r}")
     xs = np.ascontiguousarray(x[fit_sample(len(x), k, max_points_per_centroid, seed)], dtype=np.float32)
-    return FITTERS[resolve_backend(backend)](xs, k, niter, seed)
+    return FITTERS[backend](xs, k, niter, seed)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _assign_cuml(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import cupy as cp
+
+    c = cp.asarray(centroids, dtype=cp.float32)
+    norms = (c ** 2).sum(1)
+    labels = np.empty(len(x), np.int32)
+    dist = np.empty(len(x), np.float32)
+    for s in range(0, len(x), ASSIGN_CHUNK):
+        xb = cp.asarray(x[s:s + ASSIGN_CHUNK], dtype=cp.float32)
+        lab = (norms[None, :] - 2 * xb @ c.T).argmin(1)
+        labels[s:s + len(xb)] = cp.asnumpy(lab)
+        dist[s:s + len(xb)] = cp.asnumpy(((xb - c[lab]) ** 2).sum(1))
+    return labels, dist
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (int32) and squared L2 distance to it (float32) for every row of x."""
+    if backend == "cuml":
+        return _assign_cuml(x, centroids)
     import faiss
 
     index = faiss.IndexFlatL2(centroids.shape[1])
@@ -145,18 +180,18 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return labels, dist
 
 
-def assign_grouped(x: np.ndarray, groups: np.ndarray, centroids: list[np.ndarray],
-                   offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def assign_grouped(x: np.ndarray, groups: np.ndarray, centroids: list[np.ndarray], offsets: np.ndarray,
+                   backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
     """``assign`` within each row's group (``centroids[g]``), cluster ids shifted by ``offsets[g]``."""
     present = np.flatnonzero(np.bincount(groups, minlength=len(centroids)))
     if len(present) == 1:  # one group: no row gathering
-        labels, dist = assign(x, centroids[present[0]])
+        labels, dist = assign(x, centroids[present[0]], backend)
         return labels + np.int32(offsets[present[0]]), dist
     labels = np.empty(len(x), np.int32)
     dist = np.empty(len(x), np.float32)
     for g in present:
         rows = np.flatnonzero(groups == g)
-        lab, d = assign(x[rows], centroids[g])
+        lab, d = assign(x[rows], centroids[g], backend)
         labels[rows], dist[rows] = lab + offsets[g], d
     return labels, dist
 
@@ -164,7 +199,7 @@ def assign_grouped(x: np.ndarray, groups: np.ndarray, centroids: list[np.ndarray
 # parallel assignment with Ray Data -----------------------------------------------------------------
 
 def _assign_part(run: RunDir, plan: trajectories.Plan, j: int, centroids: list[np.ndarray], offsets: np.ndarray,
-                 names: list[str]) -> pa.Table:
+                 names: list[str], backend: str) -> pa.Table:
     """Part j's rows to (idx, cluster, distance); ``names`` (sorted sources) when one k-means per source."""
     part = plan.parts[j]
     blocks, replaced = trajectories.read_part(run, plan, j)
@@ -176,7 +211,7 @@ def _assign_part(run: RunDir, plan: trajectories.Plan, j: int, centroids: list[n
         groups = groups.to_numpy(zero_copy_only=False).astype(np.int32)
     else:
         groups = np.zeros(part.rows, np.int32)
-    labels, dist = assign_grouped(blocks["loss"], groups, centroids, offsets)
+    labels, dist = assign_grouped(blocks["loss"], groups, centroids, offsets, backend)
     count = np.zeros(part.rows, np.int64)
     count[:1] = replaced
     return pa.table({"idx": np.arange(part.start, part.start + part.rows), "cluster": labels, "distance": dist,
@@ -184,17 +219,18 @@ def _assign_part(run: RunDir, plan: trajectories.Plan, j: int, centroids: list[n
 
 
 def assign_ray(plan: trajectories.Plan, centroids: list[np.ndarray], offsets: np.ndarray | None = None,
-               names: list[str] | None = None, *, num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every row's cluster and distance, computed part by part in Ray Data tasks; and the non-finite count.
-
-    Only the results (idx, cluster, distance: 16 bytes a row) come back to the driver.
+               names: list[str] | None = None, *, num_cpus: float = 1.0,
+               backend: str = "faiss") -> tuple[np.ndarray, np.ndarray, int]:
+    """Every row's cluster and distance, computed part by part in Ray Data tasks (one GPU each with cuML);
+    and the non-finite count. Only the results (idx, cluster, distance: 16 bytes a row) come back.
     """
     offsets = np.zeros(len(centroids), np.int64) if offsets is None else offsets
     labels = np.full(plan.n, -1, np.int32)
     dist = np.empty(plan.n, np.float32)
     replaced = 0
     for table in trajectories.map_parts(plan, _assign_part, {"centroids": centroids, "offsets": offsets,
-                                                              "names": names or []}, num_cpus=num_cpus):
+                                                              "names": names or [], "backend": backend},
+                                        num_cpus=num_cpus, num_gpus=1 if backend == "cuml" else 0):
         idx = table.column("idx").to_numpy()
         labels[idx], dist[idx] = table.column("cluster").to_numpy(), table.column("distance").to_numpy()
         replaced += int(table.column("replaced").to_numpy().sum())
@@ -255,6 +291,16 @@ def write_clusters(run: RunDir, labels: np.ndarray, dist: np.ndarray, fingerprin
             raise ClusteringError(f"the corpus files hold {start} rows, the manifest {len(labels)}")
 
 
+def _fit_groups(samples: list[np.ndarray], ks: list[int], niter: int, seed: int, backend: str,
+                max_points_per_centroid: int) -> tuple[list[np.ndarray], dict]:
+    """Ray task (a GPU with cuML): one k-means per group's sample; the centroids and where they were fitted."""
+    import ray
+
+    centroids = [fit(x, k, niter=niter, seed=seed, backend=backend, max_points_per_centroid=max_points_per_centroid)
+                 for x, k in zip(samples, ks)]
+    return centroids, {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
 @contextlib.contextmanager
 def _timed(timings: dict, name: str) -> Iterator[None]:
     start = time.time()
@@ -270,6 +316,8 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
     gathered and every row assigned by Ray Data tasks reserving ``num_cpus`` each; the driver
     holds the sample and one cluster id and distance per row.
     """
+    import ray
+
     timings: dict[str, float] = {}
     backend = resolve_backend(cfg.backend)
     with _timed(timings, "trajectories"):
@@ -290,11 +338,11 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
         samples = [r[fit_sample(len(r), kg, cfg.max_points_per_centroid, seed)] for kg, r in zip(ks, groups)]
         xs = trajectories.gather(plan, np.concatenate(samples), num_cpus=num_cpus)
         bounds = np.cumsum([0] + [len(s) for s in samples])
-        centroids = [fit(xs[lo:hi], kg, niter=cfg.niter, seed=seed, backend=backend,
-                         max_points_per_centroid=cfg.max_points_per_centroid)
-                     for kg, lo, hi in zip(ks, bounds[:-1], bounds[1:])]
+        task = ray.remote(_fit_groups).options(num_cpus=num_cpus, num_gpus=1 if backend == "cuml" else 0)
+        centroids, fitted_by = ray.get(task.remote([xs[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], ks,
+                                                   cfg.niter, seed, backend, cfg.max_points_per_centroid))
     with _timed(timings, "assign"):
-        labels, dist, nan_count = assign_ray(plan, centroids, offsets, names, num_cpus=num_cpus)
+        labels, dist, nan_count = assign_ray(plan, centroids, offsets, names, num_cpus=num_cpus, backend=backend)
     fingerprint = run.read_manifest().get("corpus", {}).get("fingerprint")
     with _timed(timings, "write"):
         write_clusters(run, labels, dist, fingerprint)
@@ -306,7 +354,7 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
         sample_rows = np.concatenate(samples)
         with _timed(timings, "report"):
             write_report(run, cluster_means(xs, labels[sample_rows], n_clusters), sizes, list(plan.steps))
-    stats = {"backend": backend, "k": n_clusters, "per_source": cfg.per_source, "rows": n,
+    stats = {"backend": backend, "fitted_by": fitted_by, "k": n_clusters, "per_source": cfg.per_source, "rows": n,
              "points": list(plan.points), "steps": list(plan.steps), "sample_size": len(xs),
              "inertia": float(dist.sum(dtype=np.float64)), "cluster_sizes": sizes.tolist(),
              "empty_clusters": int((sizes == 0).sum()), "nan_count": nan_count,

@@ -89,6 +89,7 @@ class ProxyConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     cpus_per_worker: float = 1.0  # logical CPUs a worker reserves; torch threads = max(1, int(this))
     gpus_per_worker: float = 1.0  # below 1 (e.g. 0.75) leaves room for scoring actors on the same GPUs
+    resources: list[str] = field(default_factory=list)  # custom Ray resources per worker, NAME=AMOUNT (pinning)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class ScoringConfig:
     num_actors: int = 1
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.25  # used only when the proxy runs on GPU
+    resources: list[str] = field(default_factory=list)  # custom Ray resources per actor, NAME=AMOUNT (pinning)
 
 
 @dataclass
@@ -171,6 +173,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     cpus_per_worker: float = 1.0  # torch threads per worker = max(1, int(this))
     gpus_per_worker: float = 1.0
+    resources: list[str] = field(default_factory=list)  # custom Ray resources per worker, NAME=AMOUNT (pinning)
     length_window: int = 1  # >1: rows grouped by length within windows of this many micro-batches (less padding)
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
     text: TextConfig = field(default_factory=TextConfig)
@@ -196,6 +199,7 @@ class EvaluateConfig:
     num_actors: int = 2
     cpus_per_actor: float = 0.5  # fractional, so that Ray Data read tasks still get a CPU
     gpus_per_actor: float = 1.0  # used only on GPU
+    resources: list[str] = field(default_factory=list)  # custom Ray resources per actor, NAME=AMOUNT (pinning)
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -222,6 +226,21 @@ class BenchmarkConfig:
     selection: S2LConfig = field(default_factory=S2LConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def parse_resources(items: list[str], where: str) -> dict[str, float]:
+    """Custom Ray resources from ``NAME=AMOUNT`` strings (``["node2=0.01"]``): what a stage's workers or
+    actors request besides CPUs and GPUs, to pin them to the nodes that have them."""
+    out = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            out[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip() or out[name.strip()] <= 0:
+            raise ConfigError(f"{where}: expected NAME=AMOUNT with AMOUNT > 0, got {item!r}")
+    return out
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import posixpath
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -411,6 +413,15 @@ def tokenize(tok: Any, chat: str | None, rows: list[dict], text: TextConfig, whe
                   template=text.template, chat=chat, max_length=text.max_length, where=where)
 
 
+def int32_lists(rows: list[list[int]]) -> pa.ListArray:
+    """Python lists of ints as one Arrow list<int32> array, built from flat buffers (not row by row)."""
+    lengths = np.fromiter(map(len, rows), np.int32, len(rows))
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
 def _row_hash(r: dict) -> bytes:
     return hashlib.blake2b("\x1f".join((r["id"], r["source"], r["prompt"], r["response"], r["messages"] or ""))
                            .encode(), digest_size=16).digest()
@@ -456,9 +467,10 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
     Returns its kept rows, drops, and the id hash of every kept row in order (for the
     duplicate check across pieces). Within the piece, a repeated id is dropped here.
     """
+    started = time.perf_counter()
     tok, chat = _tokenizer(tokenizer, text.chat_template)
     fs, path = resolve(staging)
-    drops, seen, hashes, kept_rows = Drops(), set(), [], 0
+    drops, seen, hashes, kept_rows, tokenizing = Drops(), set(), [], 0, 0.0
     pending = STAGED_SCHEMA.empty_table()
 
     def drop(reason: str, at: int, rid: str) -> None:
@@ -485,16 +497,20 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
                     ats.append(at)
             if not rows:
                 continue
+            tick = time.perf_counter()
             enc = tokenize(tok, chat, rows, text, [f"{piece.uri} row id {r['id']!r}" for r in rows])
+            tokenizing += time.perf_counter() - tick
             keep = [i for i, n in enumerate(enc["n_response"]) if n > 0]
             for i in sorted(set(range(len(rows))) - set(keep)):
                 drop("no_response_tokens", ats[i], rows[i]["id"])
             if not keep:
                 continue
             kept = [rows[i] for i in keep]
-            cols: dict[str, list] = {k: [r[k] for r in kept] for k in ("id", "source", "prompt", "response", "messages")}
-            cols |= {k: [enc[k][i] for i in keep] for k in ("input_ids", "spans", "n_response", "truncated")}
-            cols["n_tokens"] = [len(x) for x in cols["input_ids"]]
+            cols: dict[str, Any] = {k: [r[k] for r in kept] for k in ("id", "source", "prompt", "response", "messages")}
+            cols |= {k: [enc[k][i] for i in keep] for k in ("n_response", "truncated")}
+            for k in ("input_ids", "spans"):
+                cols[k] = int32_lists([enc[k][i] for i in keep])
+            cols["n_tokens"] = np.diff(cols["input_ids"].offsets.to_numpy())
             cols["at"] = [ats[i] for i in keep]
             cols["row_hash"] = [_row_hash(r) for r in kept]
             pending = pa.concat_tables([pending, pa.Table.from_pydict(cols, schema=STAGED_SCHEMA)])
@@ -507,7 +523,8 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
         if pending.num_rows:
             writer.write_batch(pending.combine_chunks().to_batches()[0])
     return {"piece": piece.number, "rows": kept_rows, "dropped": drops.counts, "examples": drops.examples,
-            "id_hash": np.concatenate(hashes) if hashes else np.empty(0, np.uint64)}
+            "id_hash": np.concatenate(hashes) if hashes else np.empty(0, np.uint64),
+            "seconds": time.perf_counter() - started, "tokenize_seconds": tokenizing}
 
 
 # the corpus stage -------------------------------------------------------------------------------
@@ -681,6 +698,8 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
         for s, c in part["sources"].items():
             sources[s] = sources.get(s, 0) + c
     return {"rows": sum(p["rows"] for p in parts), "pieces": len(pieces),
+            "ingest_seconds": round(sum(r["seconds"] for r in results), 3),
+            "tokenize_seconds": round(sum(r["tokenize_seconds"] for r in results), 3),
             "files": [posixpath.basename(run.corpus_part(p["part"])) for p in parts],
             "part_rows": [p["rows"] for p in parts],
             "tokens": sum(p["tokens"] for p in parts), "truncated": sum(p["truncated"] for p in parts),

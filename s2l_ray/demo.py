@@ -114,3 +114,27 @@ def build(cfg: DemoConfig, root: str) -> dict[str, str]:
     train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"])
     stamp.write_text(json.dumps({"fingerprint": fp, "train": len(train), "eval": len(evaluation)}))
     return paths
+
+
+def write_word_problems(path: str, n: int, seed: int = 0, sources: int = 10) -> int:
+    """N templated word problems with worked answers (about 250 bytes a row) as one JSONL file, sorted
+    by source (``s0`` .. ``s<sources-1>``); fast at any size, for benchmarks. Returns the file size."""
+    import random
+
+    rng = random.Random(seed)
+    names = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
+    things = ["apples", "books", "marbles", "stamps", "coins", "pencils", "shells", "cards"]
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b, c = rng.randint(2, 999), rng.randint(2, 999), rng.randint(2, 30)
+            who, what = rng.choice(names), rng.choice(things)
+            total = a + b
+            left = total - total // c
+            f.write(json.dumps({
+                "id": f"r{i}", "source": f"s{i * sources // n}",
+                "prompt": f"{who} has {a} {what} and buys {b} more. Then {who} gives away a {c}th of them, rounded "
+                          f"down. How many {what} does {who} have left?",
+                "response": f"{a} + {b} = {total}. {total} // {c} = {total // c}. {total} - {total // c} = {left}."
+                            f"\n#### {left}"}) + "\n")
+    return os.path.getsize(path)
+

@@ -18,16 +18,17 @@ import itertools
 import json
 import math
 import os
+import posixpath
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .answers import answers_match, extract_gold, extract_prediction
-from .config import EvaluateConfig, TextConfig, to_dict
+from .config import EvaluateConfig, TextConfig, parse_resources, to_dict
+from .progress import log as _log
 
 LONG = 1 << 30  # a max_length that cuts nothing: prompts are cut from the left instead
 
@@ -37,7 +38,7 @@ class EvaluateError(ValueError):
 
 
 def log(msg: str) -> None:
-    print(f"[evaluate {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    _log(msg, "evaluate")
 
 
 def end_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -186,17 +187,23 @@ def markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 def resolve_paths(cfg: EvaluateConfig) -> tuple[str, str]:
-    """The HF model dir (a fine-tuning output's model/ when given that) and the output dir."""
-    model = Path(cfg.model)
-    if (model / "model" / "config.json").is_file():
-        run_dir, model = model, model / "model"
-    else:
-        run_dir = model
-    if not (model / "config.json").is_file():
+    """The HF model dir (a fine-tuning output's model/ when given that) and the output dir; paths or URIs."""
+    from .layout import exists, resolve
+
+    model = _absolute(cfg.model)
+    fs, root = resolve(model)
+    run_dir = model
+    if exists(fs, posixpath.join(root, "model", "config.json")):
+        model = posixpath.join(model, "model")
+    elif not exists(fs, posixpath.join(root, "config.json")):
         raise EvaluateError(f"{cfg.model}: not a model directory (no config.json) nor a fine-tuning output "
                             "(no model/config.json); run jobs/finetune.py first or pass --model")
-    return str(model), cfg.output or str(run_dir / "eval")
+    return model, cfg.output or posixpath.join(run_dir, "eval")
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -213,6 +220,7 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
 
     from .finetune import demo_paths
     from .models import resolve_bf16, resolve_gpu
+    from .nodes import check_visible
 
     cfg = cfgs[0]
     for c in cfgs[1:]:
@@ -221,6 +229,8 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
                                 "model and output")
     paths = [resolve_paths(c) for c in cfgs]
     data = cfg.corpus.path or demo_paths()["eval"]
+    check_visible({"data": data, "text.tokenizer": cfg.text.tokenizer} | {f"model {m}": m for m, _ in paths},
+                  {f"output {o}": o for _, o in paths})
     rows = load_rows(data, cfg)
     use_gpu = resolve_gpu(cfg.use_gpu)
     actors = cfg.num_actors
@@ -229,21 +239,22 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     log(f"{len(rows)} rows of {data}; {len(cfgs)} model(s) ({paths[0][0]}{', ...' if len(cfgs) > 1 else ''}); "
         f"{actors} actors on {'GPU' if use_gpu else 'CPU'}")
     started = time.time()
-    items = [{**r, "model": os.path.abspath(model)} for model, _ in paths for r in rows]
+    items = [{**r, "model": model} for model, _ in paths for r in rows]
     batch = max(1, min(cfg.batch_size, math.ceil(len(items) / actors)))  # every actor gets work
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch))
     ds = ds.map_batches(
         Evaluator, batch_size=batch, batch_format="numpy",
-        fn_constructor_kwargs=dict(tokenizer_dir=os.path.abspath(cfg.text.tokenizer or paths[0][0]),
+        fn_constructor_kwargs=dict(tokenizer_dir=_absolute(cfg.text.tokenizer or paths[0][0]),
                                    text=cfg.text, max_new_tokens=cfg.max_new_tokens, stop=stop_strings(cfg),
                                    use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu)),
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor if use_gpu else 0)
+        num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+        resources=parse_resources(cfg.resources, "evaluate.resources") or None)
     by_model: dict[str, list[dict]] = {}
     for r in ds.take_all():
         by_model.setdefault(r["model"], []).append(r)
     seconds = round(time.time() - started, 2)
-    return [_write(c, model_dir, out, data, sorted(by_model[os.path.abspath(model_dir)], key=lambda r: r["index"]),
+    return [_write(c, model_dir, out, data, sorted(by_model[model_dir], key=lambda r: r["index"]),
                    seconds / len(cfgs))
             for c, (model_dir, out) in zip(cfgs, paths)]
 
@@ -255,13 +266,14 @@ def _write(cfg: EvaluateConfig, model_dir: str, out: str, data: str, results: li
         r["correct"] = bool(r["correct"])
     metrics = {"model": model_dir, "data": data, "rows": len(results), "max_new_tokens": cfg.max_new_tokens,
                **summarize(results), "seconds": round(seconds, 2), "config": to_dict(cfg)}
-    os.makedirs(out, exist_ok=True)
-    Path(out, "metrics.json").write_text(json.dumps(metrics, indent=2))
-    Path(out, "metrics.md").write_text(markdown(metrics))
-    with open(Path(out, "predictions.jsonl"), "w") as f:
-        for r in results:
-            f.write(json.dumps({k: r[k] for k in ("id", "source", "gold", "prediction", "correct", "loss",
-                                                  "generation")}) + "\n")
+    from .layout import resolve, write_bytes_atomic, write_json_atomic
+
+    fs, root = resolve(out)
+    write_json_atomic(fs, posixpath.join(root, "metrics.json"), metrics)
+    write_bytes_atomic(fs, posixpath.join(root, "metrics.md"), markdown(metrics).encode())
+    write_bytes_atomic(fs, posixpath.join(root, "predictions.jsonl"), "".join(
+        json.dumps({k: r[k] for k in ("id", "source", "gold", "prediction", "correct", "loss", "generation")}) + "\n"
+        for r in results).encode())
     o = metrics["overall"]
     log(f"{model_dir}: exact match {100 * o['accuracy']:.1f}% ({o['correct']}/{o['n']}), mean response loss "
         f"{o['loss']}; wrote {out}/metrics.json, metrics.md")

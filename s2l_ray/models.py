@@ -22,16 +22,54 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNe
                           PreTrainedModel)
 
 # GPT-NeoX (the Pythia architecture) sizes. "tiny" is the demo proxy, "small" a demo target
-# with about 10x its parameters.
+# with about 10x its parameters; "pythia-70m" and "pythia-160m" are those models' shapes (with
+# their 50,304-token vocabulary when built for a benchmark; ``preset_config(vocab_size=...)``).
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=768),
     "base": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 
 
 class ModelError(ValueError):
     """A model or tokenizer directory is missing or not usable."""
+
+
+def local_dir(uri: str, what: str = "model") -> str:
+    """A local directory holding ``uri``: the path itself, or for a URI (``s3://...``) a copy fetched once
+    into this machine's cache (``$S2L_CACHE``, default ``~/.cache/s2l-ray/fetched``), keyed by the
+    URI and the names, sizes and times of its files, so a changed directory is fetched again."""
+    if "://" not in uri:
+        return uri
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from .layout import resolve
+
+    fs, root = resolve(uri)
+    files = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    if not files:
+        raise ModelError(f"{what} directory does not exist or is empty: {uri}")
+    key = hashlib.sha256("\n".join([uri] + [f"{i.path}:{i.size}:{i.mtime_ns}" for i in sorted(
+        files, key=lambda i: i.path)]).encode()).hexdigest()[:24]
+    cache = Path(os.path.expanduser(os.environ.get("S2L_CACHE") or "~/.cache/s2l-ray/fetched"))
+    dest = cache / key
+    if not dest.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=cache)
+        try:
+            pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            os.rename(tmp, dest)  # another process may have won the race: then its copy is used
+        except OSError:
+            if not dest.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
 
 
 def _check_dir(path: str, what: str) -> Path:
@@ -42,21 +80,27 @@ def _check_dir(path: str, what: str) -> Path:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """A tokenizer from a local directory, with a pad token (EOS when it has none)."""
+    """A tokenizer from a local directory or a URI (fetched once, ``local_dir``), with a pad token (EOS when
+    it has none)."""
+    source, path = path, local_dir(path, "tokenizer")
     _check_dir(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: not a tokenizer directory ({e})") from None
+        raise ModelError(f"{source}: not a tokenizer directory ({e})") from None
     if tok.eos_token is None:
-        raise ModelError(f"{path}: tokenizer has no EOS token; set eos_token in its config")
+        raise ModelError(f"{source}: tokenizer has no EOS token; set eos_token in its config")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if getattr(tok, "is_fast", False):  # sequences are cut by this project (text.max_length), never by the tokenizer
+        tok.backend_tokenizer.no_truncation()
+        tok.backend_tokenizer.no_padding()
     return tok
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from a local directory (safetensors preferred)."""
+    """A causal LM from a local directory or a URI (fetched once, ``local_dir``); safetensors preferred."""
+    path = local_dir(path, "model")
     p = _check_dir(path, "model")
     if not (p / "config.json").is_file():
         raise ModelError(f"{path}: no config.json, not a Hugging Face model directory")
@@ -74,12 +118,12 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         raise ModelError(f"{path}: cannot load weights ({e})") from None
 
 
-def preset_config(preset: str, tokenizer: Any, max_length: int = 512) -> GPTNeoXConfig:
-    """The GPT-NeoX config of a preset size for ``tokenizer``'s vocabulary."""
+def preset_config(preset: str, tokenizer: Any, max_length: int = 512, vocab_size: int = 0) -> GPTNeoXConfig:
+    """The GPT-NeoX config of a preset size for ``tokenizer``'s vocabulary (or ``vocab_size`` rows, at least it)."""
     if preset not in PRESETS:
         raise ModelError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
     return GPTNeoXConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size, len(tokenizer)),
         max_position_embeddings=max(max_length, 128),
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,

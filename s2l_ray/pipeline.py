@@ -16,10 +16,8 @@ from typing import Any
 from . import __version__, methods
 from .config import ConfigError, S2LConfig, to_dict
 from .layout import LayoutError, RunDir, stage_key
-
-
-def log(msg: str) -> None:
-    print(f"[s2l {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+from .nodes import check_visible
+from .progress import log
 
 
 def versions() -> dict:
@@ -224,8 +222,10 @@ def select(cfg: S2LConfig) -> dict:
         raise ConfigError(f"select.method: {e}") from None
     run = RunDir(cfg.output)
     cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
-    run.ensure()
     _ensure_ray()
+    check_visible({"corpus.path": cfg.corpus.path, "proxy.model": cfg.proxy.model, "text.tokenizer": cfg.text.tokenizer},
+                  {"output": run.uri})
+    run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])
     corpus = run_corpus(run, cfg)
     run_proxy(run, cfg, inputs, corpus)

@@ -24,7 +24,7 @@ import torch
 from ray.train import Checkpoint
 
 from . import batches
-from .config import ProxyConfig, ScoringConfig
+from .config import ProxyConfig, ScoringConfig, parse_resources
 from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
 from .scoring import score_point
@@ -114,10 +114,11 @@ def train_loop(config: dict) -> None:
     rows = batches.Rows(data)
     model.train()
     recent: list[float] = []
-    started = time.time()
+    started, compute = time.time(), 0.0
     for epoch in range(step // spe, config["epochs"]):
         positions = batches.epoch_positions(data.n, config["seed"], epoch, rank, world)
         for ids, spans in batches.iterate(rows, positions, config["batch_size"], start=step - epoch * spe):
+            tick = time.perf_counter()
             b = collate(ids, [labels_from(x, sp) for x, sp in zip(ids, spans)], pad)
             b = {k: v.to(device) for k, v in b.items()}
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -129,10 +130,11 @@ def train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             recent.append(loss.item())
+            compute += time.perf_counter() - tick
             if step in points:
                 t = points[step]
                 metrics = {"t": t, "step": step, "start_step": start_step, "epoch": epoch,
-                           "train_loss": float(np.mean(recent)),
+                           "train_loss": float(np.mean(recent)), "compute_seconds": round(compute, 3),
                            "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
                 recent = []
                 print(f"[proxy] point {t + 1}/{len(points)} at step {step}/{config['total_steps']} "
@@ -159,13 +161,15 @@ class ScoringCoordinator:
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def submit(self, t: int, step: int, checkpoint: Checkpoint, start_step: int) -> None:
+    def submit(self, t: int, step: int, checkpoint: Checkpoint, start_step: int, compute: list[float]) -> None:
         """A checkpoint training just persisted: record it in the checkpoint index, then score it.
 
         ``start_step`` is the step the training attempt that made it began at (0, or the
-        checkpoint it resumed from after an interruption or a worker failure).
+        checkpoint it resumed from after an interruption or a worker failure); ``compute`` the
+        seconds each worker spent in training steps since then.
         """
-        self.run.mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step})
+        self.run.mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step,
+                                     "compute_seconds": compute})
         self.score(t, step, checkpoint)
 
     def score(self, t: int, step: int, checkpoint: Checkpoint) -> None:
@@ -193,6 +197,15 @@ class ScoringCoordinator:
         return self.results
 
 
+def train_compute(checkpoints: dict[int, dict]) -> float:
+    """Seconds all workers spent in training steps, over every attempt (each attempt's latest record counts)."""
+    attempts: dict[int, float] = {}
+    for rec in checkpoints.values():
+        total = sum(rec.get("compute_seconds", []))
+        attempts[rec["start_step"]] = max(attempts.get(rec["start_step"], 0.0), total)
+    return round(sum(attempts.values()), 3)
+
+
 def _trajectory_callback(coordinator):
     from ray.train.v2.api.callback import UserCallback
 
@@ -202,7 +215,8 @@ def _trajectory_callback(coordinator):
         def after_report(self, run_context, metrics, checkpoint):
             if checkpoint is not None:
                 m = metrics[0]
-                ray.get(coordinator.submit.remote(int(m["t"]), int(m["step"]), checkpoint, int(m["start_step"])))
+                ray.get(coordinator.submit.remote(int(m["t"]), int(m["step"]), checkpoint, int(m["start_step"]),
+                                                  [float(r.get("compute_seconds", 0.0)) for r in metrics]))
 
     return TrajectoryCallback()
 
@@ -238,7 +252,8 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
             "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
             "threads": max(1, int(proxy.cpus_per_worker)), "pad_id": pad_id, "resume": resume, "data": data,
         }
-        resources = {"CPU": proxy.cpus_per_worker} | ({"GPU": proxy.gpus_per_worker} if use_gpu else {})
+        resources = ({"CPU": proxy.cpus_per_worker} | ({"GPU": proxy.gpus_per_worker} if use_gpu else {})
+                     | parse_resources(proxy.resources, "proxy.resources"))
         trainer = TorchTrainer(
             train_loop, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=proxy.num_workers, use_gpu=use_gpu,
@@ -253,7 +268,9 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
                 callbacks=[_trajectory_callback(coordinator)]))
         started = time.time()
         trainer.fit()
-        stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2))
+        stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2),
+                     train_compute_seconds=train_compute(run.proxy_checkpoints()))
     stats["scored"] = ray.get(coordinator.finish.remote())
+    stats["score_compute_seconds"] = round(sum(r.get("compute_seconds", 0.0) for r in stats["scored"]), 3)
     ray.kill(coordinator)
     return stats

@@ -7,7 +7,10 @@ Rows are grouped by length so that a forward pass wastes little on padding.
 """
 from __future__ import annotations
 
+import contextlib
 import posixpath
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -17,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from .config import ScoringConfig
+from .config import ScoringConfig, parse_resources
 from .layout import TRAJECTORY_SCHEMA, RunDir, exists, remove_temporaries, write_parquet_atomic
 from .text import IGNORE_INDEX, collate, labels_from, length_buckets
 
@@ -78,6 +81,25 @@ def score_rows(model: torch.nn.Module, input_ids: list, spans: list[list[int]], 
     return {"loss": loss, "confidence": conf, "n_tokens": count}
 
 
+@contextlib.contextmanager
+def model_weights(checkpoint: Any):
+    """A local directory of a proxy checkpoint's ``model/`` only: the checkpoint's own folder on a local
+    filesystem, else a temporary copy of just that subfolder (not the optimizer state beside it)."""
+    import pyarrow.fs as pafs
+
+    src = posixpath.join(checkpoint.path, "model")
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield src
+        return
+    tmp = tempfile.mkdtemp(prefix="s2l-model-")
+    try:
+        pafs.copy_files(src, tmp, source_filesystem=checkpoint.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class LossScorer:
     """Ray Data actor: loads one checkpoint's model once; scores whole corpus parts.
 
@@ -92,18 +114,20 @@ class LossScorer:
         use_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.autocast = torch.bfloat16 if resolve_bf16(precision, use_gpu) else None
-        with checkpoint.as_directory() as d:
-            self.model = load_model(posixpath.join(d, "model")).to(self.device).eval()
+        with model_weights(checkpoint) as d:
+            self.model = load_model(d).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
         self.run, self.t, self.step, self.max_tokens = RunDir(run_uri), t, step, max_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
+        rows, seconds = [], []
         for part in batch["part"]:
             src = pq.read_table(self.run.corpus_part(int(part)), filesystem=self.run.fs,
                                 columns=["idx", "id", "input_ids", "spans"], partitioning=None)
+            tick = time.perf_counter()
             out = score_rows(self.model, src.column("input_ids").to_pylist(), src.column("spans").to_pylist(),
                              self.pad_id, self.max_tokens, self.device, self.autocast)
+            seconds.append(time.perf_counter() - tick)
             n = src.num_rows
             table = pa.table({
                 "idx": src.column("idx"), "id": src.column("id"),
@@ -113,7 +137,7 @@ class LossScorer:
             }, schema=TRAJECTORY_SCHEMA)
             write_parquet_atomic(self.run.fs, self.run.trajectory_part(self.t, int(part)), table)
             rows.append(n)
-        return {"part": batch["part"], "rows": np.asarray(rows, np.int64)}
+        return {"part": batch["part"], "rows": np.asarray(rows, np.int64), "seconds": np.asarray(seconds)}
 
 
 def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
@@ -134,7 +158,8 @@ def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringCo
     done = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts)).map_batches(
         LossScorer, fn_constructor_args=(run.uri, checkpoint, t, step, cfg.max_tokens, precision), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(parts))),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0).take_all()
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+        resources=parse_resources(cfg.resources, "scoring.resources") or None).take_all()
     rows = sum(int(d["rows"]) for d in done)
     remove_temporaries(run.fs, out_dir)  # left by an actor killed while writing a part; the retry rewrote it
     if sorted(int(d["part"]) for d in done) != parts or rows != expected_rows:
@@ -142,6 +167,7 @@ def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringCo
                            f"expected {expected_rows} rows in {len(parts)} parts")
     record = {"step": step, "files": [run.trajectory_part(t, p) for p in parts], "rows": rows,
               "seconds": round(time.time() - start, 3),
+              "compute_seconds": round(float(sum(d["seconds"] for d in done)), 3),
               "corpus_fingerprint": run.read_manifest()["corpus"]["fingerprint"]}
     run.mark_point_done(t, record)
     return {"t": t, **record}

@@ -66,11 +66,8 @@ def stop_prefix(template: str) -> str:
 
 
 def _offsets(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> tuple[list[list[int]], list[np.ndarray]]:
-    if not getattr(tokenizer, "is_fast", False):
-        raise TextError(f"{type(tokenizer).__name__} is not a fast tokenizer: token offsets are needed to find the "
-                        "response tokens; save the tokenizer as a fast one (tokenizer.json)")
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    return enc["input_ids"], [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"]]
+    encodings = _backend(tokenizer).encode_batch(texts, add_special_tokens=add_special_tokens)
+    return [e.ids for e in encodings], [np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encodings]
 
 
 def _token_spans(offsets: np.ndarray, char_spans: list[tuple[int, int]]) -> list[int]:
@@ -99,15 +96,24 @@ def _finish(ids: list[int], spans: list[int], max_length: int, out: dict[str, li
     out["truncated"].append(len(ids) > max_length)
 
 
+def _backend(tokenizer: Any) -> Any:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TextError(f"{type(tokenizer).__name__} is not a fast tokenizer: token offsets are needed to find the "
+                        "response tokens; save the tokenizer as a fast one (tokenizer.json)")
+    return tokenizer.backend_tokenizer
+
+
 def _plain(tokenizer: Any, prompts: list[str], responses: list[str], template: str, max_length: int,
            out: dict[str, list]) -> None:
     heads = [template.format(prompt=p) for p in prompts]
-    all_ids, all_offsets = _offsets(tokenizer, [h + r for h, r in zip(heads, responses)], True)
+    # the fast tokenizer's own batch encoding (what tokenizer(texts) runs), without building offset lists
+    encodings = _backend(tokenizer).encode_batch([h + r for h, r in zip(heads, responses)], add_special_tokens=True)
     eos = tokenizer.eos_token_id
-    for head, ids, offsets in zip(heads, all_ids, all_offsets):
-        ids = list(ids)
-        first = np.flatnonzero(offsets[:, 1] > len(head))
-        start = int(first[0]) if len(first) else len(ids)
+    for head, enc in zip(heads, encodings):
+        ids = enc.ids
+        start = enc.char_to_token(len(head))  # the token holding the response's first character
+        if start is None:  # that character was normalised away: the first token ending after it
+            start = next((i for i, (_, e) in enumerate(enc.offsets) if e > len(head)), len(ids))
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         _finish(ids, [start, len(ids)], max_length, out)

@@ -209,7 +209,8 @@ def _run_parts(batch: dict[str, np.ndarray], plan: Plan, fn: Callable, kwargs: d
     return pa.concat_tables([fn(run, plan, int(j), **kwargs) for j in batch["part"]])
 
 
-def map_parts(plan: Plan, fn: Callable, kwargs: dict | None = None, *, num_cpus: float = 1.0) -> Iterator[pa.Table]:
+def map_parts(plan: Plan, fn: Callable, kwargs: dict | None = None, *, num_cpus: float = 1.0,
+              num_gpus: float = 0) -> Iterator[pa.Table]:
     """Run ``fn(run, plan, j, **kwargs) -> pa.Table`` over every part as Ray Data tasks; stream the tables back.
 
     Tasks read their inputs themselves (no read tasks to starve), so whole CPUs per task are
@@ -219,7 +220,7 @@ def map_parts(plan: Plan, fn: Callable, kwargs: dict | None = None, *, num_cpus:
 
     ds = ray.data.from_items([{"part": j} for j in range(len(plan.parts))], override_num_blocks=len(plan.parts))
     ds = ds.map_batches(_run_parts, fn_kwargs={"plan": plan, "fn": fn, "kwargs": kwargs or {}},
-                        batch_size=_task_parts(plan), batch_format="numpy", num_cpus=num_cpus)
+                        batch_size=_task_parts(plan), batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

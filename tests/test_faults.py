@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import descendants, running, title, wait_for
 from s2l_ray.layout import TRAJECTORY_SCHEMA, RunDir, _temporary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,48 +48,6 @@ COPIES = 4  # the corpus: the 60 demo rows 4 times under distinct ids (240 rows,
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def title(pid: int) -> str:
-    """The process's name as Ray sets it (``ray::Class.method``), or its argv[0]."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
 
 def find(root: int, prefix: str) -> int | None:
     """A running descendant of ``root`` whose name starts with ``prefix``."""

@@ -1,0 +1,224 @@
+"""Two Ray nodes that share no disk, on this machine: select, fine-tune and evaluate end to end through S3.
+
+The head is a plain ``ray start --head``. The second node's processes run in a mount namespace of
+their own (``unshare -m``) with an empty, private tmpfs over the folders this test writes to
+(pytest's temporary folders and the repo's ``runs/``), so no local path of the head is visible
+there; a moto S3 server on loopback is the only storage both see. The second node has the custom
+resource ``node2``, and the proxy workers, scoring actors, fine-tuning workers and evaluation
+actors ask for it, so they all run there: anything that reached for the head's disk would fail.
+Jobs go in with ``ray job submit`` as on a real cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from helpers import BUCKET, S3_ENV, descendants, free_port, keys, moto_s3, running, stop_session, title, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+PIN = "node2=1"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, demo_small):
+    """(dashboard address, env for `ray job submit`, S3 filesystem, node 2's process, hidden folders, runs/ before)."""
+    import ray
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    with moto_s3() as (endpoint, fs):
+        env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "RAY_AUTH_MODE": "disabled",
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        for name in ("train", "eval"):
+            with open(demo_small[name], "rb") as src, fs.open_output_stream(f"{BUCKET}/data/{name}.jsonl") as dst:
+                dst.write(src.read())
+        pafs.copy_files(demo_small["tokenizer"], f"{BUCKET}/tokenizer", destination_filesystem=fs)
+        hidden = [str(tmp_path_factory.getbasetemp()), str(REPO / "runs")]
+        os.makedirs(hidden[1], exist_ok=True)
+        runs_before = sorted(os.listdir(hidden[1]))
+        port, dash = free_port(), free_port()
+        head = subprocess.Popen(
+            ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", f"--temp-dir=/tmp/ray-s2l-head-{port}", "--block"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        mounts = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in hidden)
+        node2 = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+             f"{mounts} && exec ray start --address=127.0.0.1:{port} --num-cpus=2 --resources='{{\"node2\": 100}}' "
+             f"--dashboard-agent-listen-port={free_port()} --temp-dir=/tmp/ray-s2l-node2-{port} --block"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            def both_up() -> bool:
+                out = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                                     text=True).stdout
+                return "node2" in out and len(re.findall(r"node_[0-9a-f]+", out)) >= 2
+
+            wait_for(both_up, 300, "the two Ray nodes", interval=2)
+            yield f"http://127.0.0.1:{dash}", env, fs, node2, hidden, runs_before
+        finally:
+            for proc in (node2, head):
+                stop_session(proc.pid)
+            if was_up:
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def submit(cluster, args: list[str], job: str = "", timeout: int = 900) -> subprocess.CompletedProcess:
+    address, env, *_ = cluster
+    cmd = ["ray", "job", "submit", f"--address={address}", f"--submission-id={job or 's2l-' + uuid.uuid4().hex[:8]}",
+           f"--working-dir={REPO}", "--", "python", *args]
+    for _ in range(6):  # the head's job agent can register a little after its dashboard answers
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "No available agent to submit job" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(5)
+    return proc
+
+
+def s3(path: str) -> str:
+    return f"s3://{BUCKET}/{path}"
+
+
+SELECT = ["jobs/select.py", "--data", s3("data/train.jsonl"), "--budget", "24", "--clusters", "4",
+          "--num-workers", "2", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "proxy.epochs=1",
+          "--set", "proxy.num_points=2", "--set", "proxy.batch_size=8", "--set", "proxy.cpus_per_worker=0.5",
+          "--set", "proxy.lr=0.003", "--set", f"proxy.resources={PIN}", "--set", f"scoring.resources={PIN}"]
+
+
+def finetune_args(out: str, stage: int, *extra: str) -> list[str]:
+    return ["jobs/finetune.py", "--data", s3("run"), "--output", s3(out), "--zero-stage", str(stage),
+            "--num-workers", "2", "--epochs", "2", "--micro-batch-size", "2", "--set", "preset=tiny",
+            "--set", "lr=0.001", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "cpus_per_worker=0.5",
+            "--set", f"resources={PIN}", *extra]
+
+
+@pytest.fixture(scope="module")
+def selected(cluster):
+    """The selection job, and what `ray job logs` shows of it."""
+    address, env, *_ = cluster
+    job = f"s2l-select-{uuid.uuid4().hex[:8]}"
+    proc = submit(cluster, [*SELECT, "--output", s3("run")], job=job)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    stored = subprocess.run(["ray", "job", "logs", f"--address={address}", job], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stored.stdout)  # without colour and cursor codes
+
+
+def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, selected):
+    fs = cluster[2]
+    objects = keys(fs, f"{BUCKET}/run")
+    for name in ("manifest.json", "clusters.parquet", "selection.parquet", "selected.jsonl", "report.png",
+                 "corpus/part-00000.parquet", "trajectories/_done.json", "proxy/_checkpoints.json",
+                 "trajectories/checkpoint=1/part-00000.parquet"):
+        assert objects.get(name, 0) > 0, f"{name} missing: {sorted(objects)}"
+    assert len([k for k in objects if k.endswith("/model/model.safetensors")]) == 2  # Ray Train's checkpoints
+    manifest = json.loads(fs.open_input_stream(f"{BUCKET}/run/manifest.json").read())
+    assert manifest["corpus"]["rows"] == 60 and manifest["clusters"]["k"] == 4
+    # every stage's progress in `ray job logs`: the stage lines, Ray Train's, Ray Data's, the summary
+    stamp = r"\[s2l \d\d:\d\d:\d\d\] "
+    for pattern in (stamp + r"corpus: 60 rows in 1 parts \(1 pieces read\), 3 sources",
+                    stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers",
+                    r"Started training worker group of size 2",
+                    r"\(RayTrainWorker pid=\d+[^)]*\) \[proxy\] point 1/2 at step 2/4 train_loss=",
+                    r"Dataset \S+ execution finished in", r"\[scoring\] point 0: 60 rows scored",
+                    r"\[scoring\] point 1: 60 rows scored", stamp + "clusters: 4 clusters", stamp + "done",
+                    r"budget 24: 24 examples -> " + re.escape(s3("run/selected.jsonl")),
+                    r"next: python jobs/finetune.py --data " + re.escape(s3("run"))):
+        assert re.search(pattern, selected), f"{pattern!r} missing from `ray job logs`"
+    assert_nothing_local(cluster)
+
+
+def assert_nothing_local(cluster) -> None:
+    """No output on the head's disk (the test's folders, the repo's runs/, Ray Train's ~/ray_results) and
+    nothing at all in the second node's private folders."""
+    *_, node2, hidden, runs_before = cluster
+    raylet = next(p for p in descendants(node2.pid) if running(p) and "raylet" in title(p))
+    for d in hidden:
+        seen_by_node2 = Path(f"/proc/{raylet}/root{d}")  # the folder as node 2's processes see it
+        assert sorted(p.name for p in seen_by_node2.iterdir()) == [], d
+    assert sorted(os.listdir(hidden[1])) == runs_before
+    written = [p for p in Path(hidden[0]).rglob("*") if p.name in ("manifest.json", "finetune.json", "metrics.json")]
+    assert written == []
+    results = Path.home() / "ray_results"
+    assert not results.is_dir() or not list(results.glob("train*"))
+
+
+def test_a_local_output_is_refused_before_work_starts(cluster, tmp_path):
+    proc = submit(cluster, [*SELECT, "--output", str(tmp_path / "local-run")])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(r"error: output \S*local-run is a local path that node 127\.0\.0\.1 \([0-9a-f]{12}\) cannot see",
+                     out), out[-3000:]
+    assert "proxy: " not in out  # refused before the corpus or the proxy started
+
+
+@pytest.fixture(scope="module")
+def tuned(cluster, selected):
+    """ZeRO-3 uninterrupted; ZeRO-2 with checkpoints, one of its workers killed once a checkpoint is in the
+    bucket (frozen with SIGSTOP first, to check that the export has not happened yet)."""
+    _, env, fs, node2, *_ = cluster
+    proc3 = submit(cluster, finetune_args("target3", 3))
+    assert proc3.returncode == 0, (proc3.stdout + proc3.stderr)[-4000:]
+    address = cluster[0]
+    job = f"s2l-{uuid.uuid4().hex[:8]}"
+    submitted = subprocess.Popen(["ray", "job", "submit", f"--address={address}", f"--submission-id={job}",
+                                  f"--working-dir={REPO}", "--", "python",
+                                  *finetune_args("target2", 2, "--checkpoint-every", "2")],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def checkpointed() -> bool:
+        assert submitted.poll() is None, submitted.stdout.read()[-4000:]
+        found = keys(fs, f"{BUCKET}/target2") if fs.get_file_info(f"{BUCKET}/target2").type.name != "NotFound" else {}
+        return any(k.startswith("train/") and k.endswith("trainer_state.json") for k in found)
+
+    wait_for(checkpointed, 600, "a fine-tuning checkpoint in the bucket", interval=0.2)
+    workers = [p for p in sorted(descendants(node2.pid)) if title(p).startswith("ray::RayTrainWorker") and running(p)]
+    assert len(workers) == 2, workers
+    for p in workers:
+        os.kill(p, signal.SIGSTOP)
+    assert fs.get_file_info(f"{BUCKET}/target2/trainer_state.json").type.name == "NotFound", \
+        "the run finished before its workers were stopped"
+    os.kill(workers[0], signal.SIGKILL)
+    os.kill(workers[1], signal.SIGCONT)
+    output, _ = submitted.communicate(timeout=900)
+    assert submitted.returncode == 0, output[-4000:]
+    return {z: json.loads(fs.open_input_stream(f"{BUCKET}/target{z}/finetune.json").read()) for z in (2, 3)}
+
+
+def test_fine_tuning_on_the_second_node_exports_to_the_bucket_and_resumes_from_it(cluster, tuned):
+    fs = cluster[2]
+    for z, record in tuned.items():
+        objects = keys(fs, f"{BUCKET}/target{z}")
+        assert record["status"] == "done" and record["model"] == s3(f"target{z}/model")
+        for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "trainer_state.json",
+                     "finetune.json", "corpus/part-00000.parquet"):
+            assert objects.get(name, 0) > 0, f"target{z}: {name} missing: {sorted(objects)}"
+    zero2 = tuned[2]
+    assert len(zero2["attempts"]) == 2 and zero2["attempts"][0] == 0 and zero2["attempts"][1] > 0
+    assert [e["step"] for e in zero2["log"] if "loss" in e] == list(range(1, zero2["plan"]["total_steps"] + 1))
+    l2, l3 = ([e["loss"] for e in r["log"] if "loss" in e] for r in (zero2, tuned[3]))
+    assert max(abs(a - b) for a, b in zip(l2, l3)) < 1e-3  # resumed exactly: the same run as the uninterrupted one
+    assert_nothing_local(cluster)
+
+
+def test_evaluation_reads_the_model_from_the_bucket_and_writes_its_metrics_there(cluster, tuned):
+    fs = cluster[2]
+    proc = submit(cluster, ["jobs/evaluate.py", "--model", s3("target2"), "--data", s3("data/eval.jsonl"),
+                            "--limit", "6", "--max-new-tokens", "8", "--num-actors", "1",
+                            "--set", f"text.tokenizer={s3('tokenizer')}", "--set", f"resources={PIN}"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    metrics = json.loads(fs.open_input_stream(f"{BUCKET}/target2/eval/metrics.json").read())
+    assert metrics["rows"] == 6 and metrics["model"] == s3("target2/model")
+    assert {"metrics.json", "metrics.md", "predictions.jsonl"} <= set(keys(fs, f"{BUCKET}/target2/eval"))
+    assert_nothing_local(cluster)
