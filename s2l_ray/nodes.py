@@ -73,10 +73,10 @@ def check_visible(inputs: dict[str, str], outputs: dict[str, str]) -> None:
         markers[k] = (os.path.join(p, MARKER.format(token)), token)
         with open(markers[k][0], "w") as f:
             f.write(token)
-    look = ray.remote(_look).options(num_cpus=0)
+    look = ray.remote(_look)
     try:
-        seen = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(inputs, markers) for n in nodes])
+        seen = ray.get([look.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(inputs, markers) for n in nodes])
     finally:
         for path, _ in markers.values():
             os.remove(path)

@@ -23,6 +23,8 @@ import yaml
 
 from s2l_ray import finetune
 from s2l_ray.config import ConfigError, CorpusConfig, FinetuneConfig, TextConfig
+from s2l_ray.finetune.record import write_summary
+from s2l_ray.layout import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = dict(preset="tiny", epochs=3, lr=1e-3, micro_batch_size=4, checkpoint_every=4, seed=0)  # 24 steps on 60 rows
@@ -235,7 +237,7 @@ def test_a_sweep_is_reused_run_by_run(sweep):
     # the model is taken as it is, not trained again.
     out = Path(cfgs[1].output)
     state = (out / finetune.STATE_FILE).read_text()
-    finetune._write_json(out / finetune.SUMMARY, {**records[1], "status": "running"})
+    write_summary(RunDir(str(out)), {**records[1], "status": "running"})
     again = finetune.run_many(cfgs, sweep_dir=sweep_dir)
     assert (out / finetune.STATE_FILE).read_text() == state
     assert again[1]["status"] == "done" and again[1]["log"] == records[1]["log"]
