@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-full", action="store_true", help="skip fine-tuning on every example")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set finetune.epochs=2 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the plan; read and run nothing")
     return p.parse_args(argv)
 
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from s2l_ray import benchmark
 
-        benchmark.run(load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=BenchmarkConfig))
+        cfg = load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=BenchmarkConfig)
+        print(benchmark.dry_run(cfg)) if a.dry_run else benchmark.run(cfg)
 
     return pipeline.main(body)
 

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set text.max_length=1024 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the plan; read and run nothing")
     return p.parse_args(argv)
 
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
         config = a.config if a.config is not None or a.model else DEMO_CONFIG
         cfg = load_config(config, {**overrides, **parse_sets(a.set)}, cls=FinetuneConfig)
+        if a.dry_run:
+            print(finetune.dry_run(cfg))
+            return
         if not ray.is_initialized():
             ray.init()
         finetune.run(cfg)

@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proxy-model", help="local directory of the proxy causal LM (default: tiny preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set proxy.epochs=2 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the plan; read and run nothing")
     return p.parse_args(argv)
 
 
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if config is None and a.data is None:
         config = DEMO_CONFIG
         print(f"no --config or --data: running the built-in demo ({DEMO_CONFIG})", flush=True)
-    return pipeline.main(lambda: pipeline.select(load_config(config, {**overrides, **parse_sets(a.set)})))
+    def body() -> None:
+        cfg = load_config(config, {**overrides, **parse_sets(a.set)})
+        print(pipeline.dry_run(cfg)) if a.dry_run else pipeline.select(cfg)
+
+    return pipeline.main(body)
 
 
 if __name__ == "__main__":

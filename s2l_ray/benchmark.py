@@ -20,17 +20,14 @@ it stopped.
 """
 from __future__ import annotations
 
-import json
+import posixpath
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-from pyarrow.fs import LocalFileSystem
-
 from . import methods, pipeline
 from .config import BenchmarkConfig, ConfigError, SelectConfig, to_dict
-from .layout import RunDir, stage_key, write_json_atomic
+from .layout import RunDir, read_json, resolve, stage_key, write_bytes_atomic, write_json_atomic
 from .progress import log as _log
 
 
@@ -38,17 +35,18 @@ def log(msg: str) -> None:
     _log(msg, "benchmark")
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read(uri: str) -> dict | None:
+    fs, path = resolve(uri)
+    return read_json(fs, path)
 
 
-def _write(path: Path, obj: dict) -> None:
-    write_json_atomic(LocalFileSystem(), str(path), obj)
+def _write(uri: str, obj: dict) -> None:
+    fs, path = resolve(uri)
+    write_json_atomic(fs, path, obj)
 
 
 def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
     """Check the grid; point every stage at the benchmark's folders and the evaluation set."""
-    from . import demo
 
     for name in cfg.methods:
         try:
@@ -58,29 +56,51 @@ def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
             raise ConfigError(f"methods: {e}") from None
     if not cfg.methods or not cfg.seeds or not cfg.budgets:
         raise ConfigError("methods, seeds and budgets must each list at least one value")
-    if "://" in cfg.output:
-        raise ConfigError(f"output must be a local or shared-filesystem path, not {cfg.output!r}")
-    out = Path(cfg.output).resolve()
+    out = RunDir(cfg.output)
     sel, ft, ev = cfg.selection, cfg.finetune, cfg.evaluate
     if not sel.corpus.path:
-        paths = demo.build(sel.demo, str(out / "data"))
+        paths = _demo_data(sel.demo, out)
         sel = replace(sel, corpus=replace(sel.corpus, path=paths["train"]),
                       text=replace(sel.text, tokenizer=sel.text.tokenizer or paths["tokenizer"]))
         ev = replace(ev, corpus=replace(ev.corpus, path=ev.corpus.path or paths["eval"]))
     if not ev.corpus.path:
         raise ConfigError("evaluate.corpus.path: a corpus is given, so give its held-out evaluation set too")
     tokenizer = ft.text.tokenizer or (sel.text.tokenizer if not ft.model else "")
-    sel = replace(sel, output=str(out / "selection"), select=SelectConfig(method="s2l", budgets=list(cfg.budgets)))
+    sel = replace(sel, output=out.uri_of("selection"), select=SelectConfig(method="s2l", budgets=list(cfg.budgets)))
     ft = replace(ft, text=replace(ft.text, tokenizer=tokenizer))
     ev = replace(ev, text=replace(ev.text, tokenizer=ev.text.tokenizer or tokenizer))
-    return replace(cfg, output=str(out), selection=sel, finetune=ft, evaluate=ev)
+    return replace(cfg, output=out.uri, selection=sel, finetune=ft, evaluate=ev)
+
+
+def dry_run(cfg: BenchmarkConfig) -> str:
+    """Check a benchmark config as far as it goes without data, models or Ray; the plan, as lines."""
+    from . import finetune
+
+    for name in cfg.methods:
+        try:
+            if methods.get(name).full:
+                raise ConfigError(f"methods: {name!r} takes every example: use full: true")
+        except ValueError as e:
+            raise ConfigError(f"methods: {e}") from None
+    if not cfg.methods or not cfg.seeds or not cfg.budgets:
+        raise ConfigError("methods, seeds and budgets must each list at least one value")
+    sel = replace(cfg.selection, select=SelectConfig(method="s2l", budgets=list(cfg.budgets)),
+                  output=posixpath.join(cfg.output, "selection"))
+    ft = replace(cfg.finetune, output=posixpath.join(cfg.output, "targets", "<method>-<budget>", "seed<seed>"),
+                 corpus=replace(cfg.finetune.corpus, path=posixpath.join(cfg.output, "selections", "<method>")))
+    cells = len(cfg.methods) * len(cfg.budgets) * len(cfg.seeds) + (len(cfg.seeds) if cfg.full else 0)
+    return "\n".join([f"benchmark: {len(cfg.methods)} methods x {len(cfg.budgets)} budgets x {len(cfg.seeds)} seeds"
+                      f"{' + full' if cfg.full else ''} = {cells} targets -> {cfg.output}",
+                      pipeline.dry_run(sel), finetune.dry_run(ft),
+                      f"evaluate: {cfg.evaluate.corpus.path or 'the demo held-out split'}, "
+                      f"{cfg.evaluate.num_actors} actors, {cfg.evaluate.max_new_tokens} new tokens"])
 
 
 def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[RunDir, dict]:
     """The method's subsets for every budget (reused when already drawn with the same settings)."""
     from .sampling import select_run
 
-    dest = RunDir(str(Path(cfg.output, "selections", method, f"seed{seed}")))
+    dest = RunDir(posixpath.join(cfg.output, "selections", method, f"seed{seed}"))
     stages = run.read_manifest()["stages"]  # what the subset depends on: the trajectories and clusters made
     key = stage_key({k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}, method, cfg.budgets, seed)
     done = dest.read_manifest()
@@ -107,9 +127,9 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
     records: dict[int, dict] = {}
     pending = []
     for n, (budget, seed, data, stats) in enumerate(todo):
-        out = Path(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
+        out = posixpath.join(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
         key = stage_key(to_dict(cfg.finetune), to_dict(cfg.evaluate), data.read_manifest().get("key"))
-        done = _read(out / "cell.json")
+        done = _read(posixpath.join(out, "cell.json"))
         if done is None:
             pending.append((n, budget, seed, data, stats, out, key))
         elif done.get("key") != key:
@@ -118,16 +138,17 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
         else:
             records[n] = done
     if pending:
-        runs = [replace(cfg.finetune, output=str(out), seed=seed, budget=budget if several else 0,
+        runs = [replace(cfg.finetune, output=out, seed=seed, budget=budget if several else 0,
                         corpus=replace(cfg.finetune.corpus, path=data.uri)) for _, budget, seed, data, _, out, _ in pending]
         if cfg.finetune.checkpoint_every:  # checkpoints within a run: one worker group per run
             log(f"{method}: fine-tuning {len(runs)} target(s), one after another")
             summaries = [finetune.run(r) for r in runs]
         else:
             log(f"{method}: fine-tuning {len(runs)} target(s) in one sweep")
-            summaries = finetune.run_many(runs, sweep_dir=str(Path(cfg.output, "sweeps", method)))
+            summaries = finetune.run_many(runs, sweep_dir=posixpath.join(cfg.output, "sweeps", method))
         started = time.time()
-        metrics = evaluate.run_many([replace(cfg.evaluate, model=str(p[5]), output=str(p[5] / "eval")) for p in pending])
+        metrics = evaluate.run_many([replace(cfg.evaluate, model=p[5], output=posixpath.join(p[5], "eval"))
+                                     for p in pending])
         seconds = round((time.time() - started) / len(pending), 2)
         for (n, budget, seed, _, stats, out, key), summary, m in zip(pending, summaries, metrics):
             rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
@@ -136,7 +157,7 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
                    "source_loss": {s: v["loss"] for s, v in m["sources"].items()},
                    "seconds": {"select": stats["seconds"], "finetune": summary["train_seconds"],
                                "evaluate": seconds}}
-            _write(out / "cell.json", rec)
+            _write(posixpath.join(out, "cell.json"), rec)
             log(f"{method}, {budget} examples, seed {seed}: accuracy {100 * rec['accuracy']:.1f}%, "
                 f"loss {rec['loss']:.4f}")
             records[n] = rec
@@ -169,8 +190,8 @@ def run(cfg: BenchmarkConfig) -> dict:
 
     started = time.time()
     cfg = prepare(cfg)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir(cfg.output)
+    out.ensure()
     log(f"selection run (proxy, trajectories, clusters) in {cfg.selection.output}")
     manifest = pipeline.select(cfg.selection)
     run_dir = RunDir(cfg.selection.output)
@@ -189,10 +210,27 @@ def run(cfg: BenchmarkConfig) -> dict:
     results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": done, "summary": rows,
                "selection_stages": {k: v.get("seconds") for k, v in stages.items()},
                "total_seconds": round(time.time() - started, 2)}
-    _write(out / "results.json", results)
-    (out / "results.md").write_text(benchmark_markdown(results))
-    (out / "results.png").write_bytes(plot_benchmark(rows, n))
-    log(f"done in {results['total_seconds']:.0f}s: {out / 'results.md'}, {out / 'results.png'}")
-    print((out / "results.md").read_text(), flush=True)
+    table = benchmark_markdown(results)
+    write_json_atomic(out.fs, out.path("results.json"), results)
+    write_bytes_atomic(out.fs, out.path("results.md"), table.encode())
+    write_bytes_atomic(out.fs, out.path("results.png"), plot_benchmark(rows, n))
+    log(f"done in {results['total_seconds']:.0f}s: {out.uri_of('results.md')}, {out.uri_of('results.png')}")
+    print(table, flush=True)
     return results
+
+
+def _demo_data(demo_cfg, out: RunDir) -> dict[str, str]:
+    """The demo mixture under ``<output>/data`` (built locally, then copied when the output is a URI)."""
+    import tempfile
+
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    from . import demo
+
+    if "://" not in out.uri:
+        return demo.build(demo_cfg, out.path("data"))
+    local = demo.build(demo_cfg, tempfile.mkdtemp(prefix="s2l-demo-"))
+    copy_files(posixpath.dirname(local["train"]), out.path("data"), source_filesystem=LocalFileSystem(),
+               destination_filesystem=out.fs)
+    return {k: out.uri_of("data", posixpath.relpath(v, posixpath.dirname(local["train"]))) for k, v in local.items()}
 

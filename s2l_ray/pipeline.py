@@ -213,6 +213,45 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
     return "\n".join(lines)
 
 
+def dry_run(cfg: S2LConfig) -> str:
+    """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
+    from .clustering import BACKENDS
+    from .config import parse_resources
+    from .models import resolve_bf16
+    from .sampling import SelectionError
+
+    try:
+        method = methods.get(cfg.select.method)
+    except ValueError as e:
+        raise ConfigError(f"select.method: {e}") from None
+    for b in cfg.select.budgets:
+        if not b > 0 or (b >= 1 and not float(b).is_integer()):
+            raise SelectionError(f"select.budgets: {b} is neither a whole count >= 1 nor a fraction in (0, 1)")
+    if "{prompt}" not in cfg.text.template:
+        raise ConfigError(f"text.template must contain {{prompt}}: {cfg.text.template!r}")
+    if cfg.cluster.backend not in BACKENDS:
+        raise ConfigError(f"cluster.backend must be one of {list(BACKENDS)}, not {cfg.cluster.backend!r}")
+    if min(cfg.proxy.num_points, cfg.proxy.num_workers, cfg.proxy.batch_size, cfg.proxy.epochs, cfg.cluster.k) < 1:
+        raise ConfigError("proxy.num_points, num_workers, batch_size, epochs and cluster.k must be at least 1")
+    if cfg.proxy.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"proxy.schedule must be cosine, linear or constant, not {cfg.proxy.schedule!r}")
+    gpu = cfg.proxy.use_gpu == "true"
+    bf16 = resolve_bf16(cfg.proxy.precision, gpu)
+    worker = {"CPU": cfg.proxy.cpus_per_worker} | ({"GPU": cfg.proxy.gpus_per_worker} if gpu else {}) \
+        | parse_resources(cfg.proxy.resources, "proxy.resources")
+    actor = {"CPU": cfg.scoring.cpus_per_actor} | ({"GPU": cfg.scoring.gpus_per_actor} if gpu else {}) \
+        | parse_resources(cfg.scoring.resources, "scoring.resources")
+    return "\n".join([
+        f"corpus:   {cfg.corpus.path or 'the built-in demo'} -> {cfg.output}",
+        f"proxy:    {cfg.proxy.model or f'a fresh {cfg.proxy.preset!r} model'} (tokenizer "
+        f"{cfg.text.tokenizer or cfg.proxy.model or 'trained on the corpus'}), {cfg.proxy.epochs} epochs, "
+        f"{cfg.proxy.num_points} points, {cfg.proxy.num_workers} workers x {worker}, {'bf16' if bf16 else 'fp32'}",
+        f"scoring:  {cfg.scoring.num_actors} actors x {actor}, {cfg.scoring.max_tokens} tokens a pass",
+        f"clusters: k={cfg.cluster.k}{' per source' if cfg.cluster.per_source else ''}, backend "
+        f"{cfg.cluster.backend}" + ("" if method.clusters else " (not used by this method)"),
+        f"select:   {cfg.select.method}, budgets {cfg.select.budgets}, seed {cfg.seed}"])
+
+
 def select(cfg: S2LConfig) -> dict:
     """The whole selection run; returns the manifest."""
     total = time.time()

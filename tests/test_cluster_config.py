@@ -85,9 +85,6 @@ def test_cluster_file_structure(name):
     assert "PIP_CONSTRAINT=" in setup[install]
     assert any("torch==" in c and "constraints" in c for c in setup[:install])
 
-    # the models dir the paper configs read exists on every node
-    assert "/mnt/models" in cfg["file_mounts"]
-
     # the container's Ray is the client's Ray (ray job submit / ray up need matching versions)
     assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py311")
 
@@ -161,7 +158,7 @@ def test_paper_selection_config_loads():
     cfg = load_config(str(PAPER))
     assert isinstance(cfg, S2LConfig)
     p = cfg.proxy
-    assert p.model.startswith("/mnt/models/") and "pythia-70m" in p.model
+    assert p.model.startswith("s3://") and "pythia-70m" in p.model
     assert cfg.text.tokenizer == p.model
     assert (p.epochs, p.lr, p.schedule, p.warmup_ratio, p.num_points) == (3, 2e-5, "cosine", 0.03, 12)
     assert cfg.text.max_length == 512 and "{prompt}" in cfg.text.template
@@ -178,7 +175,7 @@ def test_paper_selection_config_loads():
 def test_paper_finetune_config_loads():
     ft = load_config(str(PAPER_FT), cls=FinetuneConfig)
     sel = load_config(str(PAPER))
-    assert ft.model.startswith("/mnt/models/") and "phi-2" in ft.model
+    assert ft.model.startswith("s3://") and "phi-2" in ft.model
     assert (ft.zero_stage, ft.epochs, ft.lr, ft.precision) == (3, 3, 2e-5, "auto")
     assert ft.use_gpu in ("auto", "true", "false") and ft.use_gpu == "true"  # models.resolve_gpu's values
     assert ft.corpus.path == sel.output, "the target trains on the selection run's output"
@@ -220,3 +217,36 @@ def test_paper_jobs_fit_the_gpu_workers(name):
     # nothing that asks for a CPU can land on the head
     head = cfg["available_node_types"][cfg["head_node_type"]]["resources"]
     assert get_bin_pack_residual([dict(head)], [{"CPU": 0.25}])[0] == [{"CPU": 0.25}]
+
+
+@pytest.mark.parametrize("job,config,expected", [
+    ("select.py", "paper_mathinstruct.yaml", ["corpus:   s3://my-bucket/mathinstruct/", "12 points, 8 workers",
+                                              "k=100 per source, backend auto"]),
+    ("finetune.py", "finetune_paper_phi2.yaml", ["-> s3://my-bucket/s2l-runs/mathinstruct-phi2", "ZeRO-3",
+                                                 "batch 128 (4 x 4 accumulated x 8), bf16"]),
+    ("benchmark.py", "benchmark_gpu.yaml", ["= 57 targets -> s3://my-bucket/s2l-runs/benchmark-gpu", "ZeRO-2"]),
+])
+def test_cloud_configs_pass_a_dry_run_of_their_stage(job, config, expected):
+    """The cloud configs as a user runs them (`--dry-run`: the stage's checks without data, models or Ray)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--config", str(ROOT / "configs" / config),
+                           "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(e in proc.stdout for e in expected), proc.stdout
+
+
+@pytest.mark.parametrize("config", ["paper_mathinstruct.yaml", "finetune_paper_phi2.yaml", "benchmark_gpu.yaml"])
+def test_cloud_configs_name_no_local_path(config):
+    """On a cluster whose nodes share no disk, models, data and outputs are URIs."""
+    text = (ROOT / "configs" / config).read_text()
+    paths = re.findall(r"^\s*(?:output|path|model|tokenizer):\s*(\S+)", text, re.M)
+    assert paths and all(p.startswith("s3://") for p in paths), paths
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTERS))
+def test_gpu_workers_check_the_driver_the_torch_build_needs(name):
+    cfg = raw(name)
+    assert any("driver_version" in c and "580" in c for c in cfg["worker_setup_commands"])
+    assert not any(m.startswith("/mnt") for m in cfg["file_mounts"])  # no node-local model folders

@@ -30,8 +30,8 @@ from .record import RUN_NAME, STATE_FILE, SUMMARY, latest_checkpoint, model_uri,
     write_summary, written
 from .worker import train_loop
 
-__all__ = ["FinetuneError", "Plan", "STATE_FILE", "SUMMARY", "deepspeed_config", "demo_paths", "latest_checkpoint",
-           "make_plan", "resolve_data", "resolve_model", "run", "run_many"]
+__all__ = ["FinetuneError", "Plan", "STATE_FILE", "SUMMARY", "deepspeed_config", "demo_paths", "dry_run",
+           "latest_checkpoint", "make_plan", "resolve_data", "resolve_model", "run", "run_many"]
 _SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures", "resources")
 
 
@@ -81,6 +81,22 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, bool]:
         f"{cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
         + (f"; resuming from step {resume['step']}" if resume else ""))
     return summary, True
+
+
+def dry_run(cfg: FinetuneConfig) -> str:
+    """Check a fine-tuning config as far as it goes without its data, model or Ray; the plan, as lines."""
+    gpu = cfg.use_gpu == "true"
+    ds = deepspeed_config(cfg, gpu)
+    make_plan(cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum, cfg)  # the step arithmetic holds
+    worker = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if gpu else {}) \
+        | parse_resources(cfg.resources, "finetune.resources")
+    return "\n".join([
+        f"data:     {cfg.corpus.path}" + (f" (budget {cfg.budget})" if cfg.budget else "") + f" -> {cfg.output}",
+        f"model:    {cfg.model or f'a fresh {cfg.preset!r} model'}, tokenizer {cfg.text.tokenizer or cfg.model}",
+        f"training: {cfg.epochs} epochs, lr {cfg.lr} {cfg.schedule}, {cfg.num_workers} workers x {worker}, "
+        f"ZeRO-{ds['zero_optimization']['stage']}, batch {ds['train_batch_size']} "
+        f"({cfg.micro_batch_size} x {cfg.grad_accum} accumulated x {cfg.num_workers}), "
+        f"{'bf16' if ds['bf16']['enabled'] else 'fp32'}, checkpoint every {cfg.checkpoint_every or 'end only'}"])
 
 
 def run(cfg: FinetuneConfig) -> dict:
