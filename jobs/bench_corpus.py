@@ -86,10 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.output, exist_ok=True)
     tokenizer = demo.build(DemoConfig(), os.path.join(a.output, "demo"))["tokenizer"]
     data = os.path.join(a.output, f"rows-{a.rows}.jsonl")
-    if not os.path.exists(data):
+    if not os.path.exists(data):  # in a child process, so that the driver's memory below is the stage's alone
+        import multiprocessing
+
         t0 = time.time()
-        size = demo.write_word_problems(data, a.rows)
-        print(f"wrote {a.rows:,} rows, {size / 2**20:.0f} MiB, in {time.time() - t0:.1f}s")
+        child = multiprocessing.get_context("spawn").Process(target=demo.write_word_problems, args=(data, a.rows))
+        child.start()
+        child.join()
+        print(f"wrote {a.rows:,} rows, {os.path.getsize(data) / 2**20:.0f} MiB, in {time.time() - t0:.1f}s")
     run = RunDir(os.path.join(a.output, "run"))
     shutil.rmtree(run.root, ignore_errors=True)
     ray.init(include_dashboard=False)

@@ -68,6 +68,7 @@ class TextConfig:
     max_length: int = 512
     tokenizer: str = ""  # local tokenizer dir; empty: the proxy model's dir, else one trained on the corpus
     vocab_size: int = 8192  # the BPE tokenizer trained on the corpus when no tokenizer or proxy model is given
+    train_on_prompt: bool = False  # labels on every token (the prompt too): language modelling, as in pretraining
 
 
 @dataclass

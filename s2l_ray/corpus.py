@@ -410,7 +410,8 @@ def tokenize(tok: Any, chat: str | None, rows: list[dict], text: TextConfig, whe
 
     return encode(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
                   [json.loads(r["messages"]) if r["messages"] else None for r in rows],
-                  template=text.template, chat=chat, max_length=text.max_length, where=where)
+                  template=text.template, chat=chat, max_length=text.max_length, where=where,
+                  train_on_prompt=text.train_on_prompt)
 
 
 def int32_lists(rows: list[list[int]]) -> pa.ListArray:

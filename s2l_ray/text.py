@@ -150,10 +150,13 @@ def _chat(tokenizer: Any, conversations: list[list[dict]], template: str | None,
 
 
 def encode(tokenizer: Any, prompts: list[str], responses: list[str], conversations: list[list[dict] | None],
-           *, template: str, chat: str | None, max_length: int, where: list[str] | None = None) -> dict[str, list]:
+           *, template: str, chat: str | None, max_length: int, where: list[str] | None = None,
+           train_on_prompt: bool = False) -> dict[str, list]:
     """Token ids and label spans of each row: ``conversations[i]`` (a chat row) or else
     ``(prompts[i], responses[i])`` with the plain ``template``; ``chat`` is the chat template
     (``text.chat_template`` resolved by ``chat_template``). ``where`` names each row in errors.
+    With ``train_on_prompt`` every token after the first carries a label (language modelling of
+    the whole text, as in pretraining), not only the responses.
 
     Returns lists ``input_ids``, ``spans`` (flattened token ``[start, end)`` pairs that carry labels),
     ``n_response`` (labelled tokens) and ``truncated``, in row order.
@@ -176,6 +179,9 @@ def encode(tokenizer: Any, prompts: list[str], responses: list[str], conversatio
         for j, i in enumerate(rows):
             for k in out:
                 out[k][i] = o[k][j]
+    if train_on_prompt:
+        out["spans"] = [[1, len(ids)] if len(ids) > 1 else [] for ids in out["input_ids"]]
+        out["n_response"] = [max(0, len(ids) - 1) for ids in out["input_ids"]]
     return out
 
 

@@ -131,3 +131,11 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(smol):
                 "{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(TextError, match="renders the turns before assistant turn"):
         encode(smol, [""], [""], [CHAT], template=TEMPLATE, chat=rewrites, max_length=512, where=["f.jsonl:3"])
+
+
+def test_train_on_prompt_labels_every_token_after_the_first(demo_tok, smol):
+    for tok, conv in ((demo_tok, None), (smol, CHAT)):
+        enc = encode(tok, ["What is 2+2?"], ["4"], [conv], template=TEMPLATE, chat=chat_template(smol, ""),
+                     max_length=512, train_on_prompt=True)
+        ids = enc["input_ids"][0]
+        assert enc["spans"] == [[1, len(ids)]] and enc["n_response"] == [len(ids) - 1]
