@@ -8,7 +8,9 @@ targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_
 is paid once per method, not per target. Everything lands under ``<output>/``::
 
     data/                          the demo mixture (when no corpus is given)
+    bases/                         the pretrained bases (bases.enabled): data, proxy/ and target/ runs
     selection/                     the selection run (pipeline.select)
+    clusters-global/               one global k-means over the same trajectories (method "s2l-global")
     selections/<method>/seed<s>/   selection[-<B>].parquet, selected[-<B>].jsonl
     targets/<method>-<B>/seed<s>/  fine-tuning output, eval/metrics.json, cell.json
     sweeps/<method>/               Ray Train's record of the method's sweep
@@ -16,7 +18,10 @@ is paid once per method, not per target. Everything lands under ``<output>/``::
 
 Each finished cell (``cell.json``) and each fine-tuned model is reused on rerun, as are the
 selection run's stages and the methods' subsets, so an interrupted benchmark continues where
-it stopped.
+it stopped. With ``bases.enabled`` the proxy and the target start from bases pretrained once on
+a broad maths mixture (``build_bases``), as in the paper's setting. ``results.md`` compares every
+method with ``random`` and ``random-per-source`` (paired per seed, with bootstrap intervals over
+seeds and items: ``stats``) and puts the cost of the selection next to that of fine-tuning.
 """
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ import posixpath
 import time
 from dataclasses import replace
 
+import json
+
 import numpy as np
+
 from . import methods, pipeline
-from .config import BenchmarkConfig, ConfigError, SelectConfig, to_dict
+from .config import BenchmarkConfig, ConfigError, CorpusConfig, FinetuneConfig, SelectConfig, TextConfig, to_dict
 from .layout import RunDir, read_json, resolve, stage_key, write_bytes_atomic, write_json_atomic
 from .progress import log as _log
 
@@ -48,14 +56,7 @@ def _write(uri: str, obj: dict) -> None:
 def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
     """Check the grid; point every stage at the benchmark's folders and the evaluation set."""
 
-    for name in cfg.methods:
-        try:
-            if methods.get(name).full:
-                raise ConfigError(f"methods: {name!r} takes every example: use full: true")
-        except ValueError as e:
-            raise ConfigError(f"methods: {e}") from None
-    if not cfg.methods or not cfg.seeds or not cfg.budgets:
-        raise ConfigError("methods, seeds and budgets must each list at least one value")
+    check_methods(cfg)
     out = RunDir(cfg.output)
     sel, ft, ev = cfg.selection, cfg.finetune, cfg.evaluate
     if not sel.corpus.path:
@@ -76,14 +77,7 @@ def dry_run(cfg: BenchmarkConfig) -> str:
     """Check a benchmark config as far as it goes without data, models or Ray; the plan, as lines."""
     from . import finetune
 
-    for name in cfg.methods:
-        try:
-            if methods.get(name).full:
-                raise ConfigError(f"methods: {name!r} takes every example: use full: true")
-        except ValueError as e:
-            raise ConfigError(f"methods: {e}") from None
-    if not cfg.methods or not cfg.seeds or not cfg.budgets:
-        raise ConfigError("methods, seeds and budgets must each list at least one value")
+    check_methods(cfg)
     sel = replace(cfg.selection, select=SelectConfig(method="s2l", budgets=list(cfg.budgets)),
                   output=posixpath.join(cfg.output, "selection"))
     ft = replace(cfg.finetune, output=posixpath.join(cfg.output, "targets", "<method>-<budget>", "seed<seed>"),
@@ -96,20 +90,59 @@ def dry_run(cfg: BenchmarkConfig) -> str:
                       f"{cfg.evaluate.num_actors} actors, {cfg.evaluate.max_new_tokens} new tokens"])
 
 
+GLOBAL = "s2l-global"  # S2L on one global k-means: for corpora without reliable sources
+
+
+def check_methods(cfg: BenchmarkConfig) -> None:
+    for name in cfg.methods:
+        try:
+            if name != GLOBAL and methods.get(name).full:
+                raise ConfigError(f"methods: {name!r} takes every example: use full: true")
+        except ValueError as e:
+            raise ConfigError(f"methods: {e} (or {GLOBAL!r})") from None
+    if not cfg.methods or not cfg.seeds or not cfg.budgets:
+        raise ConfigError("methods, seeds and budgets must each list at least one value")
+
+
+def global_clusters(run: RunDir, cfg: BenchmarkConfig) -> tuple[RunDir, dict]:
+    """One k-means over every example (no split by source) on the selection run's trajectories, in
+    ``<output>/clusters-global``; reused when made from the same trajectories and settings."""
+    from .clustering import cluster_run
+
+    dest = RunDir(posixpath.join(cfg.output, "clusters-global"))
+    k = cfg.global_k or cfg.selection.cluster.k * len(run.read_manifest()["corpus"]["sources"])
+    ccfg = replace(cfg.selection.cluster, per_source=False, k=k)
+    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(ccfg), cfg.selection.seed)
+    done = dest.read_manifest()
+    if done.get("key") == key:
+        return dest, done["clusters"]
+    dest.ensure()
+    stats = cluster_run(run, ccfg, seed=cfg.selection.seed, num_points=cfg.selection.proxy.num_points, dest=dest)
+    dest.update_manifest(key=key, clusters=stats, cluster_config=to_dict(ccfg))
+    log(f"{GLOBAL}: one k-means of {k} clusters over all sources, source purity {stats['source_purity']:.3f}")
+    return dest, stats
+
+
 def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[RunDir, dict]:
     """The method's subsets for every budget (reused when already drawn with the same settings)."""
     from .sampling import select_run
 
     dest = RunDir(posixpath.join(cfg.output, "selections", method, f"seed{seed}"))
     stages = run.read_manifest()["stages"]  # what the subset depends on: the trajectories and clusters made
-    key = stage_key({k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}, method, cfg.budgets, seed)
+    clusters, ccfg, pick = None, cfg.selection.cluster, method
+    upstream = {k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}
+    if method == GLOBAL:
+        clusters, _ = global_clusters(run, cfg)
+        ccfg, pick = replace(ccfg, per_source=False), "s2l"
+        upstream["clusters"] = clusters.read_manifest()["key"]
+    key = stage_key(upstream, method, cfg.budgets, seed)
     done = dest.read_manifest()
     if done.get("key") == key:
         return dest, done["selection"]
     dest.ensure()
     started = time.time()
-    stats = select_run(run, SelectConfig(method=method, budgets=list(cfg.budgets)), cfg.selection.cluster, seed,
-                       num_points=cfg.selection.proxy.num_points, dest=dest)
+    stats = select_run(run, SelectConfig(method=pick, budgets=list(cfg.budgets)), ccfg, seed,
+                       num_points=cfg.selection.proxy.num_points, dest=dest, clusters=clusters)
     stats["seconds"] = round(time.time() - started, 2)
     dest.update_manifest(key=key, selection=stats)
     return dest, stats
@@ -156,7 +189,9 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
                    "sources": {s: v["accuracy"] for s, v in m["sources"].items()},
                    "source_loss": {s: v["loss"] for s, v in m["sources"].items()},
                    "seconds": {"select": stats["seconds"], "finetune": summary["train_seconds"],
-                               "evaluate": seconds}}
+                               "evaluate": seconds},
+                   "finetune_compute": summary.get("compute_seconds"),
+                   "predictions": posixpath.join(out, "eval", "predictions.jsonl")}
             _write(posixpath.join(out, "cell.json"), rec)
             log(f"{method}, {budget} examples, seed {seed}: accuracy {100 * rec['accuracy']:.1f}%, "
                 f"loss {rec['loss']:.4f}")
@@ -192,6 +227,10 @@ def run(cfg: BenchmarkConfig) -> dict:
     cfg = prepare(cfg)
     out = RunDir(cfg.output)
     out.ensure()
+    bases = build_bases(cfg) if cfg.bases.enabled else None
+    if bases:
+        cfg = replace(cfg, selection=replace(cfg.selection, proxy=replace(cfg.selection.proxy, model=bases["proxy"])),
+                      finetune=replace(cfg.finetune, model=bases["target"]))
     log(f"selection run (proxy, trajectories, clusters) in {cfg.selection.output}")
     manifest = pipeline.select(cfg.selection)
     run_dir = RunDir(cfg.selection.output)
@@ -209,7 +248,11 @@ def run(cfg: BenchmarkConfig) -> dict:
     stages = manifest["stages"]
     results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": done, "summary": rows,
                "selection_stages": {k: v.get("seconds") for k, v in stages.items()},
+               "comparisons": compare(done, cfg), "cost": ledger(manifest, done, cfg), "bases": bases,
+               "global_clusters": RunDir(posixpath.join(cfg.output, "clusters-global")).read_manifest().get("clusters")
+               if GLOBAL in cfg.methods else None,
                "total_seconds": round(time.time() - started, 2)}
+    run_dir.update_manifest(cost=results["cost"])
     table = benchmark_markdown(results)
     write_json_atomic(out.fs, out.path("results.json"), results)
     write_bytes_atomic(out.fs, out.path("results.md"), table.encode())
@@ -217,6 +260,118 @@ def run(cfg: BenchmarkConfig) -> dict:
     log(f"done in {results['total_seconds']:.0f}s: {out.uri_of('results.md')}, {out.uri_of('results.png')}")
     print(table, flush=True)
     return results
+
+
+BASELINES = ("random", "random-per-source")
+
+
+def _scores(cell: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A cell's per-item exact match (0/1) and response loss, in evaluation order."""
+    fs, path = resolve(cell["predictions"])
+    with fs.open_input_stream(path) as f:
+        rows = [json.loads(line) for line in f.read().decode().splitlines()]
+    return (np.array([float(r["correct"]) for r in rows]),
+            np.array([np.nan if r["loss"] is None else r["loss"] for r in rows]))
+
+
+def compare(cells: list[dict], cfg: BenchmarkConfig) -> list[dict]:
+    """Every method against each baseline it ran with, per budget: paired per-seed differences in exact match
+    and response loss, and their bootstrap intervals over seeds and evaluation items (``stats``)."""
+    from .stats import bootstrap_interval, paired_differences, verdict
+
+    by = {(c["method"], c["budget"], c["seed"]): c for c in cells}
+    seeds = list(cfg.seeds)
+    out = []
+    for (method, budget) in sorted({(c["method"], c["budget"]) for c in cells}):
+        for base in BASELINES:
+            if method in (base, "full") or any((m, budget, s) not in by for m in (method, base) for s in seeds):
+                continue
+            a = [_scores(by[(method, budget, s)]) for s in seeds]
+            b = [_scores(by[(base, budget, s)]) for s in seeds]
+            for j, metric in enumerate(("accuracy", "loss")):
+                x, y = np.stack([v[j] for v in a]), np.stack([v[j] for v in b])
+                keep = np.isfinite(x).all(0) & np.isfinite(y).all(0)
+                mean, low, high = bootstrap_interval(x[:, keep], y[:, keep])
+                out.append({"method": method, "baseline": base, "budget": budget, "metric": metric, "mean": mean,
+                            "low": low, "high": high, "per_seed": paired_differences(x[:, keep], y[:, keep]).tolist(),
+                            "verdict": verdict(low, high, lower_is_better=metric == "loss")})
+    return out
+
+
+def ledger(manifest: dict, cells: list[dict], cfg: BenchmarkConfig) -> dict:
+    """The selection's cost (corpus, proxy training, scoring, clustering) next to fine-tuning's, in
+    core-seconds on CPU (compute seconds times the threads each worker or actor runs) or GPU-seconds."""
+    proxy, sel, ft = manifest.get("proxy", {}), cfg.selection, cfg.finetune
+    gpu = bool(proxy.get("use_gpu"))
+    unit = "GPU-seconds" if gpu else "core-seconds"
+    per_worker = sel.proxy.gpus_per_worker if gpu else max(1, int(sel.proxy.cpus_per_worker))
+    per_actor = sel.scoring.gpus_per_actor if gpu else max(1, int(sel.scoring.cpus_per_actor))
+    timings = manifest.get("clusters", {}).get("timings", {})
+    selection = {"corpus (tokenisation)": 0.0 if gpu else manifest["corpus"].get("tokenize_seconds", 0.0),
+                 "proxy training": proxy.get("train_compute_seconds", 0.0) * per_worker,
+                 "scoring": proxy.get("score_compute_seconds", 0.0) * per_actor,
+                 "clustering": 0.0 if gpu else timings.get("fit", 0.0) + timings.get("assign", 0.0)}
+    per_ft = ft.gpus_per_worker if gpu else max(1, int(ft.cpus_per_worker))
+    tuning: dict[str, list[float]] = {}
+    for c in cells:
+        if c.get("finetune_compute") is not None:
+            tuning.setdefault(f"{c['method']} {c['budget']}", []).append(c["finetune_compute"] * per_ft)
+    tuning_mean = {k: float(np.mean(v)) for k, v in tuning.items()}
+    total = sum(selection.values())
+    full = next((v for k, v in tuning_mean.items() if k.startswith("full ")), None)
+    return {"unit": unit, "selection": selection, "selection_total": total, "finetune_mean": tuning_mean,
+            "selection_to_full_finetune": total / full if full else None}
+
+
+def build_bases(cfg: BenchmarkConfig) -> dict:
+    """The pretrained bases, once: a proxy (``bases.proxy_preset``) and a target (``bases.target_preset``)
+    trained from scratch as language models of whole texts (``text.train_on_prompt``) on a broad maths
+    mixture, in ``<output>/bases``; reused on rerun, refused when built with another bases config."""
+    from . import demo, finetune
+    from .models import PRESETS, load_tokenizer, preset_config
+
+    b, out = cfg.bases, RunDir(posixpath.join(cfg.output, "bases"))
+    tokenizer = cfg.selection.text.tokenizer
+    key = stage_key(to_dict(b), tokenizer)
+    done = out.read_manifest()
+    if done and done.get("key") != key:
+        raise ConfigError(f"{out.uri} holds bases pretrained with another bases config ({done.get('config')}); use a "
+                          "new output or delete that folder")
+    if b.proxy_preset not in PRESETS or b.target_preset not in PRESETS:
+        raise ConfigError(f"bases: presets must be among {sorted(PRESETS)}")
+    out.ensure()
+    data = out.uri_of("pretraining.jsonl")
+    if not done:
+        from .corpus import normalised
+
+        held_out = {r["prompt"] for _, r in normalised(replace(cfg.evaluate.corpus, path=cfg.evaluate.corpus.path))}
+        rows = [r for r in demo.pretraining_rows(b.sources, b.rows_per_source, b.seed) if r["prompt"] not in held_out]
+        write_bytes_atomic(out.fs, out.path("pretraining.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    text = TextConfig(template="{prompt}\n", tokenizer=tokenizer, max_length=b.max_length, train_on_prompt=True)
+    runs = [FinetuneConfig(output=out.uri_of(role), preset=preset, seed=cfg.selection.proxy.seed, epochs=b.epochs,
+                           lr=b.lr, micro_batch_size=b.micro_batch_size, checkpoint_every=0,
+                           num_workers=cfg.finetune.num_workers, cpus_per_worker=cfg.finetune.cpus_per_worker,
+                           gpus_per_worker=cfg.finetune.gpus_per_worker, use_gpu=cfg.finetune.use_gpu,
+                           corpus=CorpusConfig(path=data), text=text)
+            for role, preset in (("proxy", b.proxy_preset), ("target", b.target_preset))]
+    log(f"bases: pretraining a {b.proxy_preset!r} proxy and a {b.target_preset!r} target on "
+        f"{len(b.sources)} x {b.rows_per_source} maths texts in {out.uri}")
+    records = finetune.run_many(runs, sweep_dir=out.uri_of("sweep"))
+    tok = load_tokenizer(tokenizer)
+    params = {role: _parameters(preset_config(p, tok, b.max_length)) for role, p in
+              (("proxy", b.proxy_preset), ("target", b.target_preset))}
+    stats = {"key": key, "config": to_dict(b), "proxy": records[0]["model"], "target": records[1]["model"],
+             "parameters": params, "target_to_proxy": params["target"] / params["proxy"],
+             "final_loss": {"proxy": records[0]["final_loss"], "target": records[1]["final_loss"]},
+             "compute_seconds": {"proxy": records[0]["compute_seconds"], "target": records[1]["compute_seconds"]}}
+    out.update_manifest(**stats)
+    return stats
+
+
+def _parameters(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
 def _demo_data(demo_cfg, out: RunDir) -> dict[str, str]:

@@ -274,11 +274,14 @@ def source_purity(labels: np.ndarray, sources: np.ndarray) -> float:
     return float(table.max(axis=1).sum() / len(labels))
 
 
-def write_clusters(run: RunDir, labels: np.ndarray, dist: np.ndarray, fingerprint: str | None) -> None:
-    """Stream ``clusters.parquet`` corpus file by corpus file (ids and sources read from the corpus)."""
+def write_clusters(run: RunDir, labels: np.ndarray, dist: np.ndarray, fingerprint: str | None,
+                   dest: RunDir | None = None) -> None:
+    """Stream ``clusters.parquet`` (into ``dest``, default ``run``) corpus file by corpus file (ids and sources
+    read from ``run``'s corpus)."""
     schema = CLUSTERS_SCHEMA.with_metadata({"corpus_fingerprint": fingerprint or ""})
     start = 0
-    with open_output_atomic(run.fs, run.clusters) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
+    dest = dest or run
+    with open_output_atomic(dest.fs, dest.clusters) as f, pq.ParquetWriter(f, schema, compression="zstd") as w:
         for path in run.corpus_files():
             part = pq.read_table(path, columns=["id", "source"], filesystem=run.fs)
             end = start + part.num_rows
@@ -309,8 +312,9 @@ def _timed(timings: dict, name: str) -> Iterator[None]:
 
 
 def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int | None = None,
-                num_cpus: float = 1.0, report: bool = True) -> dict:
-    """Trajectories to ``clusters.parquet`` (and ``report.png``); returns statistics for the manifest.
+                num_cpus: float = 1.0, report: bool = True, dest: RunDir | None = None) -> dict:
+    """Trajectories to ``clusters.parquet`` (and ``report.png``), in ``dest`` (default: ``run``, whose corpus and
+    trajectories are read); returns statistics for the manifest.
 
     ``num_points`` is the proxy's T (None: inferred from the done points). The fit sample is
     gathered and every row assigned by Ray Data tasks reserving ``num_cpus`` each; the driver
@@ -345,7 +349,7 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
         labels, dist, nan_count = assign_ray(plan, centroids, offsets, names, num_cpus=num_cpus, backend=backend)
     fingerprint = run.read_manifest().get("corpus", {}).get("fingerprint")
     with _timed(timings, "write"):
-        write_clusters(run, labels, dist, fingerprint)
+        write_clusters(run, labels, dist, fingerprint, dest)
     n_clusters = int(sum(ks))
     sizes = np.bincount(labels, minlength=n_clusters)
     if report:
@@ -353,7 +357,7 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
 
         sample_rows = np.concatenate(samples)
         with _timed(timings, "report"):
-            write_report(run, cluster_means(xs, labels[sample_rows], n_clusters), sizes, list(plan.steps))
+            write_report(dest or run, cluster_means(xs, labels[sample_rows], n_clusters), sizes, list(plan.steps))
     stats = {"backend": backend, "fitted_by": fitted_by, "k": n_clusters, "per_source": cfg.per_source, "rows": n,
              "points": list(plan.points), "steps": list(plan.steps), "sample_size": len(xs),
              "inertia": float(dist.sum(dtype=np.float64)), "cluster_sizes": sizes.tolist(),

@@ -208,6 +208,28 @@ class EvaluateConfig:
 
 
 @dataclass
+class BasesConfig:
+    """Pretrained bases for the benchmark: a proxy and a target pretrained once (language modelling of
+    whole texts) on a broad maths mixture of reasoning-gym generators, from seeds far from every
+    fine-tuning and evaluation item; every cell then fine-tunes them."""
+
+    enabled: bool = False
+    sources: list[str] = field(default_factory=lambda: [
+        "gsm_symbolic", "basic_arithmetic", "chain_sum", "fraction_simplification", "gcd", "lcm", "simple_equations",
+        "base_conversion", "prime_factorization", "decimal_arithmetic", "leg_counting", "power_function",
+        "count_bits", "number_sorting", "time_intervals", "products", "bitwise_arithmetic", "decimal_chain_sum",
+        "complex_arithmetic", "count_primes", "calendar_arithmetic"])
+    rows_per_source: int = 400
+    seed: int = 50_000_000  # item i of source k uses Random(seed + k * 1,000,003 + i): far from the demo's
+    proxy_preset: str = "tiny"
+    target_preset: str = "medium"
+    epochs: int = 2
+    lr: float = 1e-3
+    micro_batch_size: int = 16
+    max_length: int = 256
+
+
+@dataclass
 class BenchmarkConfig:
     """Selection methods side by side: one selection run (proxy, trajectories, clusters), then a
     target fine-tuned and evaluated for every method, budget and seed.
@@ -224,6 +246,8 @@ class BenchmarkConfig:
     budgets: list[float] = field(default_factory=lambda: [0.1, 0.3])  # counts (>=1) or fractions (<1)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     full: bool = True  # also fine-tune on every example
+    global_k: int = 0  # k of the one global k-means behind method "s2l-global"; 0: cluster.k x the sources
+    bases: BasesConfig = field(default_factory=BasesConfig)
     selection: S2LConfig = field(default_factory=S2LConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -59,6 +59,13 @@ def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     return train, evaluation
 
 
+def pretraining_rows(sources: list[str], per_source: int, seed: int) -> list[dict]:
+    """Maths texts for pretraining a base: ``per_source`` items of each reasoning-gym generator (question and
+    worked answer), item i of source k from ``Random(seed + k * SOURCE_SEED_STRIDE + i)``."""
+    return [{"prompt": r["prompt"], "response": r["response"], "source": name}
+            for k, name in enumerate(sources) for r in _items(name, per_source, seed + k * SOURCE_SEED_STRIDE)]
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, path: str):
     """Train a byte-level BPE tokenizer on ``texts`` and save it as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

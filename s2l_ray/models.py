@@ -27,6 +27,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNe
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     "small": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, intermediate_size=768),
+    "medium": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024),
     "base": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
     "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
     "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

@@ -236,6 +236,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     if not todo:
         return stats
     use_gpu = resolve_gpu(proxy.use_gpu)
+    stats["use_gpu"] = use_gpu
     coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
     for t in todo:  # persisted before an interruption, never scored
         if t in ckpts:

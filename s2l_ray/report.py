@@ -75,6 +75,19 @@ def benchmark_markdown(results: dict) -> str:
                   "|---|---:|" + "---:|" * len(sources)]
         lines += [f"| {r['method']} | {100 * r['budget'] / n:.0f}% | " + " | ".join(fmt(r[key][s]) for s in sources)
                   + " |" for r in rows]
+    lines += _comparisons(results.get("comparisons") or [], n)
+    lines += _ledger(results.get("cost"), n)
+    if results.get("global_clusters"):
+        g = results["global_clusters"]
+        lines += ["", f"S2L without source labels (`s2l-global`): one k-means of {g['k']} clusters over every example; "
+                  f"the share of examples whose cluster's most common source is their own (source purity) is "
+                  f"{g['source_purity']:.3f} (1: clusters are just sources)."]
+    if results.get("bases"):
+        b = results["bases"]
+        lines += ["", f"Pretrained bases: proxy {b['parameters']['proxy']:,} parameters, target "
+                  f"{b['parameters']['target']:,} ({b['target_to_proxy']:.1f}x), pretrained on "
+                  f"{len(b['config']['sources'])} reasoning-gym generators x {b['config']['rows_per_source']} texts "
+                  f"(final loss: proxy {b['final_loss']['proxy']:.3f}, target {b['final_loss']['target']:.3f})."]
     stages = results["selection_stages"]
     cells = results["cells"]
     mean = {k: sum(c["seconds"][k] for c in cells) / max(1, len(cells)) for k in ("select", "finetune", "evaluate")}
@@ -85,6 +98,42 @@ def benchmark_markdown(results: dict) -> str:
               f"| evaluate, per cell (mean) | {mean['evaluate']:.0f} |",
               f"| whole benchmark (this run; reused work not counted) | {results['total_seconds']:.0f} |"]
     return "\n".join(lines) + "\n"
+
+
+def _comparisons(rows: list[dict], n: int) -> list[str]:
+    """Paired differences against the baselines, with bootstrap intervals, as a markdown table."""
+    if not rows:
+        return []
+    lines = ["", "Against the baselines (method minus baseline, paired by seed and evaluation item; 95% bootstrap "
+             "interval over seeds and items; a win or a loss only where the interval excludes 0):", "",
+             "| method | budget | baseline | exact match (points) | per seed | interval | loss | per seed | interval "
+             "| verdict (exact match / loss) |", "|---|---:|---|---:|---|---|---:|---|---|---|"]
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        pairs.setdefault((r["method"], r["budget"], r["baseline"]), {})[r["metric"]] = r
+    for (method, budget, base), m in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
+        a, lo = m["accuracy"], m["loss"]
+        lines.append(f"| {method} | {100 * budget / n:.0f}% | {base} | {100 * a['mean']:+.1f} | "
+                     + ", ".join(f"{100 * d:+.1f}" for d in a["per_seed"]) + f" | [{100 * a['low']:+.1f}, "
+                     f"{100 * a['high']:+.1f}] | {lo['mean']:+.3f} | " + ", ".join(f"{d:+.3f}" for d in lo["per_seed"])
+                     + f" | [{lo['low']:+.3f}, {lo['high']:+.3f}] | {a['verdict']} / {lo['verdict']} |")
+    return lines
+
+
+def _ledger(cost: dict | None, n: int) -> list[str]:
+    """What the selection cost next to what fine-tuning cost, as a markdown table."""
+    if not cost:
+        return []
+    unit = cost["unit"]
+    lines = ["", f"Cost ({unit}: compute time times the threads or GPUs it held):", "",
+             f"| what | {unit} |", "|---|---:|"]
+    lines += [f"| selection: {k} | {v:.0f} |" for k, v in cost["selection"].items()]
+    lines.append(f"| **selection, total** | **{cost['selection_total']:.0f}** |")
+    lines += [f"| fine-tuning the target: {k.split()[0]} at {100 * int(k.split()[1]) / n:.0f}% (mean over seeds) "
+              f"| {v:.0f} |" for k, v in sorted(cost["finetune_mean"].items())]
+    if cost.get("selection_to_full_finetune"):
+        lines.append(f"| selection / fine-tuning on the full set | {cost['selection_to_full_finetune']:.2f} |")
+    return lines
 
 
 def plot_benchmark(rows: list[dict], n: int) -> bytes:

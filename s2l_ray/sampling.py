@@ -105,19 +105,21 @@ def s2l_select(labels: np.ndarray, budget: int, rng: np.random.Generator,
 
 # the run-level stage ------------------------------------------------------------------------------
 
-def read_clusters(run: RunDir) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Cluster ids and source codes (corpus idx order) from ``clusters.parquet``, checked against the corpus."""
+def read_clusters(run: RunDir, source: RunDir | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Cluster ids and source codes (corpus idx order) from the ``clusters.parquet`` of ``source`` (default
+    ``run``), checked against ``run``'s corpus."""
     corpus = run.read_manifest().get("corpus", {})
-    if not exists(run.fs, run.clusters):
-        raise SelectionError(f"{run.clusters} is missing: run clustering first")
-    pf = pq.ParquetFile(run.clusters, filesystem=run.fs, read_dictionary=["source"])
+    source = source or run
+    if not exists(source.fs, source.clusters):
+        raise SelectionError(f"{source.clusters} is missing: run clustering first")
+    pf = pq.ParquetFile(source.clusters, filesystem=source.fs, read_dictionary=["source"])
     table = pf.read(columns=["cluster", "source"])
     recorded = (pf.schema_arrow.metadata or {}).get(b"corpus_fingerprint", b"").decode()
     if recorded and corpus.get("fingerprint") and recorded != corpus["fingerprint"]:
-        raise SelectionError(f"{run.clusters} was computed for another corpus (fingerprint {recorded}, "
+        raise SelectionError(f"{source.clusters} was computed for another corpus (fingerprint {recorded}, "
                              f"manifest {corpus['fingerprint']}); run clustering again")
     if table.num_rows != corpus.get("rows"):
-        raise SelectionError(f"{run.clusters} has {table.num_rows} rows, the corpus {corpus.get('rows')}")
+        raise SelectionError(f"{source.clusters} has {table.num_rows} rows, the corpus {corpus.get('rows')}")
     codes, names = codes_of(table.column("source"))
     return table.column("cluster").to_numpy(), codes, names
 
@@ -182,10 +184,10 @@ def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarr
 
 
 def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfig,
-                  num_points: int | None) -> tuple[methods.Inputs, np.ndarray, list[str]]:
+                  num_points: int | None, clusters: RunDir | None = None) -> tuple[methods.Inputs, np.ndarray, list[str]]:
     """What ``method`` needs, plus every row's source code and the source names (for the statistics)."""
     if method.clusters:
-        labels, codes, names = read_clusters(run)
+        labels, codes, names = read_clusters(run, clusters)
         inputs = methods.Inputs(len(labels), labels, codes if cluster_cfg.per_source else None)
     else:
         codes, names = corpus_sources(run)
@@ -197,11 +199,12 @@ def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfi
 
 
 def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig, seed: int, *,
-               num_points: int | None = None, dest: RunDir | None = None) -> dict:
+               num_points: int | None = None, dest: RunDir | None = None, clusters: RunDir | None = None) -> dict:
     """Select every budget of ``select_cfg`` with its method; returns statistics for the manifest.
 
     One budget writes ``selection.parquet`` and ``selected.jsonl``; several write
-    ``selection-<B>.parquet`` and ``selected-<B>.jsonl``, into ``dest`` (default: ``run``). The
+    ``selection-<B>.parquet`` and ``selected-<B>.jsonl``, into ``dest`` (default: ``run``); the
+    clusters come from ``clusters`` (default: ``run``, where the selection run put them). The
     ``full`` method writes one selection of every row. Each budget's draw uses its own generator
     seeded with ``seed``, so it does not depend on the other budgets asked for. ``num_points``
     is the proxy's T, for methods that read trajectory scores.
@@ -213,7 +216,7 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
     if not select_cfg.budgets:
         raise SelectionError("select.budgets is empty")
     start = time.time()
-    inputs, codes, names = method_inputs(run, method, cluster_cfg, num_points)
+    inputs, codes, names = method_inputs(run, method, cluster_cfg, num_points, clusters)
     n = inputs.n
     budgets = [n] if method.full else [resolve_budget(b, n) for b in select_cfg.budgets]
     if len(set(budgets)) != len(budgets):

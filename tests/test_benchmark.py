@@ -27,12 +27,27 @@ def tiny(tmp_path, **extra) -> BenchmarkConfig:
 
 
 def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
-    cfg = tiny(tmp_path)
+    cfg = tiny(tmp_path, methods="s2l,s2l-global,random")
     results = benchmark.run(cfg)
     n = results["rows"]
     assert n == 32 and results["budgets"] == [8]
     cells = {(c["method"], c["budget"], c["seed"]) for c in results["cells"]}
-    assert cells == {("s2l", 8, 0), ("s2l", 8, 1)}
+    assert cells == {(m, 8, s) for m in ("s2l", "s2l-global", "random") for s in (0, 1)}
+    # S2L without sources: one k-means over all rows; its purity is reported
+    assert results["global_clusters"]["k"] == 6 and not results["global_clusters"]["per_source"]
+    assert 0.5 <= results["global_clusters"]["source_purity"] <= 1.0
+    # paired comparisons against random, from the cells' own per-item predictions
+    comp = {(r["method"], r["metric"]): r for r in results["comparisons"]}
+    assert set(comp) == {(m, k) for m in ("s2l", "s2l-global") for k in ("accuracy", "loss")}
+    s2l_loss = [c["loss"] for c in sorted(results["cells"], key=lambda c: c["seed"]) if c["method"] == "s2l"]
+    random_loss = [c["loss"] for c in sorted(results["cells"], key=lambda c: c["seed"]) if c["method"] == "random"]
+    assert comp[("s2l", "loss")]["per_seed"] == pytest.approx([a - b for a, b in zip(s2l_loss, random_loss)], abs=1e-6)
+    assert comp[("s2l", "loss")]["low"] <= comp[("s2l", "loss")]["mean"] <= comp[("s2l", "loss")]["high"]
+    # the cost ledger: the selection's stages and each method's fine-tuning, in core-seconds on this CPU
+    cost = results["cost"]
+    assert cost["unit"] == "core-seconds" and cost["selection"]["proxy training"] > 0
+    assert cost["selection"]["scoring"] > 0 and set(cost["finetune_mean"]) == {"s2l 8", "s2l-global 8", "random 8"}
+    results = {**results, "cells": [c for c in results["cells"] if c["method"] == "s2l"]}
     for c in results["cells"]:
         assert c["examples"] == c["budget"] and 0.0 <= c["accuracy"] <= 1.0 and c["loss"] > 0
         assert set(c["sources"]) == {"gcd", "basic_arithmetic"}
@@ -48,9 +63,10 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     assert (sel / "s2l" / "seed0" / "selected.jsonl").read_text() != (sel / "s2l" / "seed1" / "selected.jsonl").read_text()
     md = (tmp_path / "bench" / "results.md").read_text()
     assert "| s2l | 25% | 8 |" in md and "fine-tune, per cell" in md and "Response loss per source" in md
+    assert "| s2l | 25% | random |" in md and "selection, total" in md and "source purity" in md
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = benchmark.run(cfg)  # every stage and cell reused: identical cells
-    assert again["cells"] == results["cells"]
+    assert [c for c in again["cells"] if c["method"] == "s2l"] == results["cells"]
     # With checkpoints inside runs, each target gets its own worker group; training is the same.
     targets = tmp_path / "bench" / "targets"
     swept = json.loads((targets / "s2l-8" / "seed0" / "finetune.json").read_text())
@@ -72,3 +88,24 @@ def test_benchmark_refuses_unknown_or_full_methods(tmp_path):
         cfg = load_config(None, {"output": str(tmp_path), "methods": methods}, cls=BenchmarkConfig)
         with pytest.raises(ConfigError, match=message):
             benchmark.prepare(cfg)
+
+
+def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(ray_local, tmp_path):
+    extra = {"bases.enabled": "true", "bases.sources": "gcd,lcm,chain_sum", "bases.rows_per_source": 12,
+             "bases.epochs": 1, "bases.micro_batch_size": 4, "bases.max_length": 96, "bases.target_preset": "small"}
+    cfg = benchmark.prepare(tiny(tmp_path, **extra))
+    built = benchmark.build_bases(cfg)
+    root = tmp_path / "bench" / "bases"
+    assert built["proxy"] == str(root / "proxy" / "model") and built["target"] == str(root / "target" / "model")
+    assert built["target_to_proxy"] > 5 and all((root / r / "model" / "config.json").is_file() for r in ("proxy", "target"))
+    rows = [json.loads(line) for line in open(root / "pretraining.jsonl")]
+    held_out = {json.loads(line)["prompt"] for line in open(cfg.evaluate.corpus.path)}
+    assert len(rows) <= 36 and not held_out & {r["prompt"] for r in rows}  # no held-out problem is pretrained on
+    record = json.loads((root / "target" / "finetune.json").read_text())
+    assert record["config"]["text"]["train_on_prompt"] and record["final_step"] == record["plan"]["total_steps"]
+    stamps = {r: (root / r / "finetune.json").stat().st_mtime_ns for r in ("proxy", "target")}
+    again = benchmark.build_bases(cfg)  # reused: nothing trained again
+    assert again["proxy"] == built["proxy"] and {r: (root / r / "finetune.json").stat().st_mtime_ns
+                                                 for r in ("proxy", "target")} == stamps
+    with pytest.raises(ConfigError, match="bases pretrained with another bases config"):
+        benchmark.build_bases(benchmark.prepare(tiny(tmp_path, **{**extra, "bases.lr": 0.01})))
