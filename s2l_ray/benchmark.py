@@ -61,9 +61,12 @@ def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
     sel, ft, ev = cfg.selection, cfg.finetune, cfg.evaluate
     if not sel.corpus.path:
         paths = _demo_data(sel.demo, out)
-        sel = replace(sel, corpus=replace(sel.corpus, path=paths["train"]),
+        if cfg.demo_train not in ("train", "train_chat") or cfg.demo_eval not in ("eval", "eval_gsm8k"):
+            raise ConfigError(f"demo_train must be train or train_chat and demo_eval eval or eval_gsm8k, not "
+                              f"{cfg.demo_train!r} / {cfg.demo_eval!r}")
+        sel = replace(sel, corpus=replace(sel.corpus, path=paths[cfg.demo_train]),
                       text=replace(sel.text, tokenizer=sel.text.tokenizer or paths["tokenizer"]))
-        ev = replace(ev, corpus=replace(ev.corpus, path=ev.corpus.path or paths["eval"]))
+        ev = replace(ev, corpus=replace(ev.corpus, path=ev.corpus.path or paths[cfg.demo_eval]))
     if not ev.corpus.path:
         raise ConfigError("evaluate.corpus.path: a corpus is given, so give its held-out evaluation set too")
     tokenizer = ft.text.tokenizer or (sel.text.tokenizer if not ft.model else "")
@@ -230,7 +233,7 @@ def run(cfg: BenchmarkConfig) -> dict:
     bases = build_bases(cfg) if cfg.bases.enabled else None
     if bases:
         cfg = replace(cfg, selection=replace(cfg.selection, proxy=replace(cfg.selection.proxy, model=bases["proxy"])),
-                      finetune=replace(cfg.finetune, model=bases["target"]))
+                      finetune=replace(cfg.finetune, model=bases.get("target") or cfg.finetune.model))
     log(f"selection run (proxy, trajectories, clusters) in {cfg.selection.output}")
     manifest = pipeline.select(cfg.selection)
     run_dir = RunDir(cfg.selection.output)
@@ -337,7 +340,8 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
     if done and done.get("key") != key:
         raise ConfigError(f"{out.uri} holds bases pretrained with another bases config ({done.get('config')}); use a "
                           "new output or delete that folder")
-    if b.proxy_preset not in PRESETS or b.target_preset not in PRESETS:
+    roles = [("proxy", b.proxy_preset)] + ([("target", b.target_preset)] if b.target_preset else [])
+    if any(p not in PRESETS for _, p in roles):
         raise ConfigError(f"bases: presets must be among {sorted(PRESETS)}")
     out.ensure()
     data = out.uri_of("pretraining.jsonl")
@@ -353,17 +357,16 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
                            num_workers=cfg.finetune.num_workers, cpus_per_worker=cfg.finetune.cpus_per_worker,
                            gpus_per_worker=cfg.finetune.gpus_per_worker, use_gpu=cfg.finetune.use_gpu,
                            corpus=CorpusConfig(path=data), text=text)
-            for role, preset in (("proxy", b.proxy_preset), ("target", b.target_preset))]
-    log(f"bases: pretraining a {b.proxy_preset!r} proxy and a {b.target_preset!r} target on "
-        f"{len(b.sources)} x {b.rows_per_source} maths texts in {out.uri}")
-    records = finetune.run_many(runs, sweep_dir=out.uri_of("sweep"))
+            for role, preset in roles]
+    log(f"bases: pretraining {', '.join(f'a {p!r} {r}' for r, p in roles)} on {len(b.sources)} x "
+        f"{b.rows_per_source} maths texts in {out.uri}")
+    records = dict(zip([r for r, _ in roles], finetune.run_many(runs, sweep_dir=out.uri_of("sweep"))))
     tok = load_tokenizer(tokenizer)
-    params = {role: _parameters(preset_config(p, tok, b.max_length)) for role, p in
-              (("proxy", b.proxy_preset), ("target", b.target_preset))}
-    stats = {"key": key, "config": to_dict(b), "proxy": records[0]["model"], "target": records[1]["model"],
-             "parameters": params, "target_to_proxy": params["target"] / params["proxy"],
-             "final_loss": {"proxy": records[0]["final_loss"], "target": records[1]["final_loss"]},
-             "compute_seconds": {"proxy": records[0]["compute_seconds"], "target": records[1]["compute_seconds"]}}
+    params = {role: _parameters(preset_config(p, tok, b.max_length)) for role, p in roles}
+    stats = {"key": key, "config": to_dict(b), **{r: rec["model"] for r, rec in records.items()},
+             "parameters": params, "target_to_proxy": params["target"] / params["proxy"] if "target" in params else None,
+             "final_loss": {r: rec["final_loss"] for r, rec in records.items()},
+             "compute_seconds": {r: rec["compute_seconds"] for r, rec in records.items()}}
     out.update_manifest(**stats)
     return stats
 

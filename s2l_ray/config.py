@@ -193,6 +193,7 @@ class EvaluateConfig:
     model: str = "runs/demo-target"  # HF model dir, or a fine-tuning output dir holding model/
     output: str = ""  # empty: <fine-tuning output>/eval, or <model>/eval for a plain model dir
     answer: str = "answer"  # gold answer column (optional in the data; read after "####", in \\boxed{}, ...)
+    chat: bool = False  # prompt prompt/response rows too through the chat template, as one-turn conversations
     stop: list[str] = field(default_factory=list)  # generation stops at these too; empty: the template's "Question:"
     max_new_tokens: int = 256
     limit: int = 0  # evaluate the first N rows only; 0: all
@@ -222,7 +223,7 @@ class BasesConfig:
     rows_per_source: int = 400
     seed: int = 50_000_000  # item i of source k uses Random(seed + k * 1,000,003 + i): far from the demo's
     proxy_preset: str = "tiny"
-    target_preset: str = "medium"
+    target_preset: str = "medium"  # "": no target base (the benchmark's finetune.model is used)
     epochs: int = 2
     lr: float = 1e-3
     micro_batch_size: int = 16
@@ -247,6 +248,8 @@ class BenchmarkConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     full: bool = True  # also fine-tune on every example
     global_k: int = 0  # k of the one global k-means behind method "s2l-global"; 0: cluster.k x the sources
+    demo_train: str = "train"  # with the demo mixture: its training file, train | train_chat (conversations)
+    demo_eval: str = "eval"  # and its evaluation file, eval | eval_gsm8k (gsm_symbolic in GSM8K's own schema)
     bases: BasesConfig = field(default_factory=BasesConfig)
     selection: S2LConfig = field(default_factory=S2LConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -83,7 +83,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: str):
     return fast
 
 
-FORMAT = 2  # of the files build() writes: a folder built by an earlier format is rebuilt
+FORMAT = 3  # of the files build() writes: a folder built by an earlier format is rebuilt
 
 
 def fingerprint(cfg: DemoConfig) -> str:
@@ -99,15 +99,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build(cfg: DemoConfig, root: str) -> dict[str, str]:
-    """Write ``train.jsonl``, ``eval.jsonl``, ``eval_gsm8k.jsonl`` (the ``gsm_symbolic`` held-out rows in
-    GSM8K's own schema: ``question``, ``answer`` ending in ``#### N``) and ``tokenizer/`` under
-    ``root`` (reused when present).
+    """Write ``train.jsonl``, ``train_chat.jsonl`` (the same rows as one-turn conversations), ``eval.jsonl``,
+    ``eval_gsm8k.jsonl`` (the ``gsm_symbolic`` held-out rows in GSM8K's own schema: ``question``,
+    ``answer`` ending in ``#### N``) and ``tokenizer/`` under ``root`` (reused when present).
 
     Returns their paths. A folder built from another config is rebuilt.
     """
     base = Path(root)
-    paths = {"train": str(base / "train.jsonl"), "eval": str(base / "eval.jsonl"),
-             "eval_gsm8k": str(base / "eval_gsm8k.jsonl"), "tokenizer": str(base / "tokenizer")}
+    paths = {"train": str(base / "train.jsonl"), "train_chat": str(base / "train_chat.jsonl"),
+             "eval": str(base / "eval.jsonl"), "eval_gsm8k": str(base / "eval_gsm8k.jsonl"),
+             "tokenizer": str(base / "tokenizer")}
     stamp = base / "demo.json"
     fp = fingerprint(cfg)
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
@@ -116,6 +117,8 @@ def build(cfg: DemoConfig, root: str) -> dict[str, str]:
     train, evaluation = generate(cfg)
     _write_jsonl(base / "train.jsonl", train)
     _write_jsonl(base / "eval.jsonl", evaluation)
+    _write_jsonl(base / "train_chat.jsonl", [{"source": r["source"], "messages": [
+        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]} for r in train])
     _write_jsonl(base / "eval_gsm8k.jsonl", [{"question": r["prompt"], "answer": r["response"]}
                                              for r in evaluation if r["source"] == "gsm_symbolic"])
     train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"])

@@ -147,8 +147,11 @@ def load_rows(path: str, cfg: EvaluateConfig) -> list[dict]:
             if not gold:
                 raise EvaluateError(f"{where}: no gold answer: add an {cfg.answer!r} field, or end the response "
                                     "with '#### <answer>' or a \\boxed{} answer")
+            messages = r["messages"] or (json.dumps([{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["response"]}])
+                                         if cfg.chat else None)
             rows.append({"index": len(rows), "id": r["id"], "source": r["source"], "prompt": r["prompt"],
-                         "response": r["response"], "messages": r["messages"], "gold": gold, "where": where})
+                         "response": r["response"], "messages": messages, "gold": gold, "where": where})
             if cfg.limit and len(rows) == cfg.limit:
                 break
     except CorpusError as e:

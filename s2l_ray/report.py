@@ -84,10 +84,12 @@ def benchmark_markdown(results: dict) -> str:
                   f"{g['source_purity']:.3f} (1: clusters are just sources)."]
     if results.get("bases"):
         b = results["bases"]
-        lines += ["", f"Pretrained bases: proxy {b['parameters']['proxy']:,} parameters, target "
-                  f"{b['parameters']['target']:,} ({b['target_to_proxy']:.1f}x), pretrained on "
-                  f"{len(b['config']['sources'])} reasoning-gym generators x {b['config']['rows_per_source']} texts "
-                  f"(final loss: proxy {b['final_loss']['proxy']:.3f}, target {b['final_loss']['target']:.3f})."]
+        sizes = ", ".join(f"{r} {b['parameters'][r]:,} parameters (final loss {b['final_loss'][r]:.3f})"
+                          for r in b["parameters"])
+        lines += ["", f"Pretrained bases: {sizes}" + (f", the target {b['target_to_proxy']:.1f}x the proxy"
+                                                       if b.get("target_to_proxy") else "")
+                  + f"; pretrained on {len(b['config']['sources'])} reasoning-gym generators x "
+                  f"{b['config']['rows_per_source']} texts."]
     stages = results["selection_stages"]
     cells = results["cells"]
     mean = {k: sum(c["seconds"][k] for c in cells) / max(1, len(cells)) for k in ("select", "finetune", "evaluate")}

@@ -109,3 +109,13 @@ def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(
                                                  for r in ("proxy", "target")} == stamps
     with pytest.raises(ConfigError, match="bases pretrained with another bases config"):
         benchmark.build_bases(benchmark.prepare(tiny(tmp_path, **{**extra, "bases.lr": 0.01})))
+
+
+@pytest.mark.parametrize("preset", ["benchmark_cpu.yaml", "benchmark_cpu_scratch.yaml", "benchmark_real.yaml",
+                                    "benchmark_gpu.yaml"])
+def test_every_benchmark_preset_passes_a_dry_run(preset):
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / preset), cls=BenchmarkConfig)
+    plan = benchmark.dry_run(cfg)
+    assert f"targets -> {cfg.output}" in plan and "ZeRO-2" in plan
