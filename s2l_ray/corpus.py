@@ -8,10 +8,11 @@ The input is cut into pieces: byte ranges of a JSONL file aligned to line starts
 Parquet file's row groups, the Arrow shards of a ``datasets`` directory (a gzip file is one
 piece). Each piece is a Ray task that parses, normalises and tokenises its rows a chunk at a
 time (memory bounded by the chunk, whatever the file size) and stages them; errors name the
-file's own line (JSONL) or row (Parquet, Arrow). The driver then holds one 8-byte id hash per
-row to find duplicate ids, and part-writer tasks cut the staged rows into ``part_rows``-row
-parts in input order, so the parts, ``idx`` and fingerprint do not depend on how the input was
-cut. Rows with an empty prompt or response, a duplicate id (the first is kept) or no response
+file's own line (JSONL) or row (Parquet, Arrow). Each piece also stages an 8-byte hash of every
+row's id, split into hash buckets; one task per bucket finds the repeated ids across pieces, and
+part-writer tasks cut the staged rows into ``part_rows``-row parts in input order, so the parts,
+``idx`` and fingerprint do not depend on how the input was cut, and nothing per row passes
+through the driver. Rows with an empty prompt or response, a duplicate id (the first is kept) or no response
 token left after truncation are dropped and counted (``corpus.strict`` makes each an error);
 malformed JSON, bad UTF-8 and missing or mistyped fields are always errors.
 """
@@ -534,17 +535,28 @@ def _staged(run, piece: int) -> str:
     return run.uri_of("corpus", "_staging", f"piece-{piece:05d}.arrow")
 
 
-def _ingest(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: str, run_uri: str, buckets: int):
-    """Ray task: ``ingest_piece`` into the run's staging folder; returns its statistics and then, as
-    ``buckets`` more objects, its rows' (id hash, position) records split by hash."""
-    from .layout import RunDir
+def _hashes(run, piece: int, bucket: int) -> str:
+    return run.path("corpus", "_staging", f"hashes-{piece:05d}-{bucket:03d}.npy")
 
-    stats = ingest_piece(piece, cfg, text, tokenizer, _staged(RunDir(run_uri), piece.number))
+
+def _ingest(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: str, run_uri: str, buckets: int) -> dict:
+    """Ray task: ``ingest_piece`` into the run's staging folder, and its rows' (id hash, position) records
+    split by hash into ``buckets`` staged files (not returned: nothing per row passes through the driver)."""
+    import io
+
+    from .layout import RunDir, write_bytes_atomic
+
+    run = RunDir(run_uri)
+    stats = ingest_piece(piece, cfg, text, tokenizer, _staged(run, piece.number))
     hashes = stats.pop("id_hash")
     rec = np.empty(len(hashes), dtype=[("h", np.uint64), ("pos", np.int64)])
     rec["h"], rec["pos"] = hashes, np.arange(len(hashes))
     which = hashes % np.uint64(buckets)
-    return (stats, *[rec[which == b] for b in range(buckets)])
+    for b in range(buckets):
+        buf = io.BytesIO()
+        np.save(buf, rec[which == b])
+        write_bytes_atomic(run.fs, _hashes(run, piece.number, b), buf.getvalue())
+    return stats
 
 
 def _read_staged(uri: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
@@ -558,12 +570,18 @@ def _read_staged(uri: str, lo: int, hi: int, columns: list[str] | None = None) -
     return table.select(columns) if columns else table
 
 
-def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, *buckets: np.ndarray) -> list[tuple[int, int]]:
-    """Ray task: among one bucket's id hashes from every piece (``buckets[p]``), the (piece, position)
-    of each row whose id an earlier row already has; equal hashes are confirmed on the staged ids."""
+def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, bucket: int) -> list[tuple[int, int]]:
+    """Ray task: among one bucket's id hashes from every piece, the (piece, position) of each row whose
+    id an earlier row already has; equal hashes are confirmed on the staged ids."""
+    import io
+
     from .layout import RunDir
 
     run = RunDir(run_uri)
+    buckets = []
+    for p in range(len(pieces)):
+        with run.fs.open_input_stream(_hashes(run, p, bucket)) as f:
+            buckets.append(np.load(io.BytesIO(f.read())))
     piece_of = np.concatenate([np.full(len(b), p, np.int64) for p, b in enumerate(buckets)])
     rec = np.concatenate(buckets)
     order = np.lexsort((rec["pos"], piece_of, rec["h"]))  # by hash, then input order
@@ -667,15 +685,13 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     fmt, files = discover(cfg)
     pieces = plan_pieces(fmt, files, piece_bytes)
     buckets = max(1, min(len(pieces), 32))
-    ingest = ray.remote(_ingest).options(num_cpus=1, num_returns=buckets + 1, scheduling_strategy="SPREAD")
+    ingest = ray.remote(_ingest).options(num_cpus=1, scheduling_strategy="SPREAD")
     clear()
     try:
-        outs = [ingest.remote(p, cfg, text, tokenizer, run.uri, buckets) for p in pieces]
-        results = _get_in_order([o[0] for o in outs])
+        results = _get_in_order([ingest.remote(p, cfg, text, tokenizer, run.uri, buckets) for p in pieces])
         find = ray.remote(_duplicates).options(num_cpus=1, scheduling_strategy="SPREAD")
         drops: dict[int, list[int]] = {}
-        for found in _get_in_order([find.remote(pieces, run.uri, cfg.strict, *[o[1 + b] for o in outs])
-                                    for b in range(buckets)]):
+        for found in _get_in_order([find.remote(pieces, run.uri, cfg.strict, b) for b in range(buckets)]):
             for p, pos in found:
                 drops.setdefault(p, []).append(pos)
         dropped = Drops()
