@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - t0
     sampler.stop.set()
     sampler.join()
+    order = training_order_cost(run, stats)
     ray.shutdown()
     rate = stats["rows"] / wall
     template = TextConfig().template
@@ -120,7 +121,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{sampler.largest / gib:.2f} GiB, all Ray processes {sampler.ray_total / gib:.2f} GiB")
     print(f"raw tokenisation, one process, all {os.cpu_count()} cores: {raw:,.0f} rows/s; "
           f"ingest at {100 * rate / raw:.0f}% of it")
+    print(f"training order (batches): the stored corpus into the object store {order['load']:.1f}s "
+          f"({order['bytes'] / 2**20:.0f} MiB); an epoch's permutation {1000 * order['permutation']:.0f} ms; "
+          f"one worker's batches of 16 assembled at {order['rate']:,.0f} rows/s ({order['rows']:,} rows)")
     return 0
+
+
+def training_order_cost(run, stats: dict) -> dict:
+    """What the seeded per-epoch permutation costs on this corpus: loading it into the object store once,
+    drawing one epoch's permutation, and assembling one worker's batches (as the proxy's workers do)."""
+    import ray
+
+    from s2l_ray import batches
+
+    t0 = time.time()
+    data = batches.load(run.uri, [run.path("corpus", f) for f in stats["files"]], stats["part_rows"])
+    rows = batches.Rows(data)
+    load = time.time() - t0
+    t0 = time.time()
+    positions = batches.epoch_positions(data.n, 0, 0, 0, 2)
+    permutation = time.time() - t0
+    t0 = time.time()
+    n = sum(len(ids) for ids, _ in batches.iterate(rows, positions[:200_000], 16))
+    size = sum(sum(a.nbytes for a in part) for part in ray.get(list(data.refs)))
+    del rows
+    return {"load": load, "permutation": permutation, "rate": n / (time.time() - t0), "rows": n, "bytes": size}
 
 
 if __name__ == "__main__":
