@@ -546,8 +546,11 @@ def _ingest(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: str, r
 
     from .layout import RunDir, write_bytes_atomic
 
+    import ray
+
     run = RunDir(run_uri)
     stats = ingest_piece(piece, cfg, text, tokenizer, _staged(run, piece.number))
+    stats["node"] = ray.get_runtime_context().get_node_id()
     hashes = stats.pop("id_hash")
     rec = np.empty(len(hashes), dtype=[("h", np.uint64), ("pos", np.int64)])
     rec["h"], rec["pos"] = hashes, np.arange(len(hashes))
@@ -714,7 +717,10 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     for part in parts:
         for s, c in part["sources"].items():
             sources[s] = sources.get(s, 0) + c
-    return {"rows": sum(p["rows"] for p in parts), "pieces": len(pieces),
+    nodes: dict[str, int] = {}
+    for r in results:
+        nodes[r["node"]] = nodes.get(r["node"], 0) + 1
+    return {"rows": sum(p["rows"] for p in parts), "pieces": len(pieces), "pieces_by_node": nodes,
             "ingest_seconds": round(sum(r["seconds"] for r in results), 3),
             "tokenize_seconds": round(sum(r["tokenize_seconds"] for r in results), 3),
             "files": [posixpath.basename(run.corpus_part(p["part"])) for p in parts],

@@ -93,7 +93,8 @@ def s3(path: str) -> str:
 SELECT = ["jobs/select.py", "--data", s3("data/train.jsonl"), "--budget", "24", "--clusters", "4",
           "--num-workers", "2", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "proxy.epochs=1",
           "--set", "proxy.num_points=2", "--set", "proxy.batch_size=8", "--set", "proxy.cpus_per_worker=0.5",
-          "--set", "proxy.lr=0.003", "--set", f"proxy.resources={PIN}", "--set", f"scoring.resources={PIN}"]
+          "--set", "proxy.lr=0.003", "--set", f"proxy.resources={PIN}", "--set", f"scoring.resources={PIN}",
+          "--set", "corpus.piece_mb=0.004"]  # the 15 kB corpus in 4 pieces, read on both nodes
 
 
 def finetune_args(out: str, stage: int, *extra: str) -> list[str]:
@@ -126,9 +127,10 @@ def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, se
     assert len([k for k in objects if k.endswith("/model/model.safetensors")]) == 2  # Ray Train's checkpoints
     manifest = json.loads(fs.open_input_stream(f"{BUCKET}/run/manifest.json").read())
     assert manifest["corpus"]["rows"] == 60 and manifest["clusters"]["k"] == 4
+    assert manifest["corpus"]["pieces"] >= 3 and len(manifest["corpus"]["pieces_by_node"]) == 2  # ingest on both
     # every stage's progress in `ray job logs`: the stage lines, Ray Train's, Ray Data's, the summary
     stamp = r"\[s2l \d\d:\d\d:\d\d\] "
-    for pattern in (stamp + r"corpus: 60 rows in 1 parts \(1 pieces read\), 3 sources",
+    for pattern in (stamp + r"corpus: 60 rows in 1 parts \(\d pieces read\), 3 sources",
                     stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers",
                     r"Started training worker group of size 2",
                     r"\(RayTrainWorker pid=\d+[^)]*\) \[proxy\] point 1/2 at step 2/4 train_loss=",
