@@ -660,7 +660,8 @@ def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> l
 
 
 def _get_in_order(refs: list) -> list:
-    """``ray.get`` of each ref in order, so the first failing item in input order is the one reported."""
+    """``ray.get`` of each ref in order, so the first failing item in input order is the one reported; on a
+    failure the other tasks are cancelled and waited for, so that none still writes when the caller cleans up."""
     import ray
 
     try:
@@ -668,6 +669,7 @@ def _get_in_order(refs: list) -> list:
     except BaseException:
         for r in refs:
             ray.cancel(r)
+        ray.wait(refs, num_returns=len(refs), timeout=300)
         raise
 
 

@@ -7,11 +7,13 @@ import posixpath
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI beside this Python, whatever PATH holds
 BUCKET = "s2l-test"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ import psutil
 import pyarrow.fs as pafs
 import pytest
 
-from helpers import BUCKET, S3_ENV, descendants, free_port, keys, moto_s3, running, stop_session, title, wait_for
+from helpers import BUCKET, RAY, S3_ENV, descendants, free_port, keys, moto_s3, running, stop_session, title, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PIN = "node2=1"
@@ -49,19 +50,19 @@ def cluster(tmp_path_factory, demo_small):
         runs_before = sorted(os.listdir(hidden[1]))
         port, dash = free_port(), free_port()
         head = subprocess.Popen(
-            ["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+            [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
              f"--ray-client-server-port={free_port()}", f"--temp-dir=/tmp/ray-s2l-head-{port}", "--block"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         mounts = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in hidden)
         node2 = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             f"{mounts} && exec ray start --address=127.0.0.1:{port} --num-cpus=2 --resources='{{\"node2\": 100}}' "
+             f"{mounts} && exec {RAY} start --address=127.0.0.1:{port} --num-cpus=2 --resources='{{\"node2\": 100}}' "
              f"--dashboard-agent-listen-port={free_port()} --temp-dir=/tmp/ray-s2l-node2-{port} --block"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             def both_up() -> bool:
-                out = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
                                      text=True).stdout
                 return "node2" in out and len(re.findall(r"node_[0-9a-f]+", out)) >= 2
 
@@ -76,8 +77,8 @@ def cluster(tmp_path_factory, demo_small):
 
 def submit(cluster, args: list[str], job: str = "", timeout: int = 900) -> subprocess.CompletedProcess:
     address, env, *_ = cluster
-    cmd = ["ray", "job", "submit", f"--address={address}", f"--submission-id={job or 's2l-' + uuid.uuid4().hex[:8]}",
-           f"--working-dir={REPO}", "--", "python", *args]
+    cmd = [RAY, "job", "submit", f"--address={address}", f"--submission-id={job or 's2l-' + uuid.uuid4().hex[:8]}",
+           f"--working-dir={REPO}", "--", sys.executable, *args]
     for _ in range(6):  # the head's job agent can register a little after its dashboard answers
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode == 0 or "No available agent to submit job" not in proc.stdout + proc.stderr:
@@ -111,7 +112,7 @@ def selected(cluster):
     job = f"s2l-select-{uuid.uuid4().hex[:8]}"
     proc = submit(cluster, [*SELECT, "--output", s3("run")], job=job)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    stored = subprocess.run(["ray", "job", "logs", f"--address={address}", job], env=env, capture_output=True,
+    stored = subprocess.run([RAY, "job", "logs", f"--address={address}", job], env=env, capture_output=True,
                             text=True, timeout=120)
     assert stored.returncode == 0, stored.stderr[-2000:]
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stored.stdout)  # without colour and cursor codes
@@ -176,17 +177,19 @@ def tuned(cluster, selected):
     address = cluster[0]
     job = f"s2l-{uuid.uuid4().hex[:8]}"
     since = time.time()
-    submitted = subprocess.Popen(["ray", "job", "submit", f"--address={address}", f"--submission-id={job}",
-                                  f"--working-dir={REPO}", "--", "python",
+    submitted = subprocess.Popen([RAY, "job", "submit", f"--address={address}", f"--submission-id={job}",
+                                  f"--working-dir={REPO}", "--", sys.executable,
                                   *finetune_args("target2", 2, "--checkpoint-every", "2")],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def checkpointed() -> bool:
+    def checkpointed() -> bool:  # registered by Ray Train's controller, not just uploaded: it resumes from that
         assert submitted.poll() is None, submitted.stdout.read()[-4000:]
-        found = keys(fs, f"{BUCKET}/target2") if fs.get_file_info(f"{BUCKET}/target2").type.name != "NotFound" else {}
-        return any(k.startswith("train/") and k.endswith("trainer_state.json") for k in found)
+        snapshot = f"{BUCKET}/target2/train/checkpoint_manager_snapshot.json"
+        if fs.get_file_info(snapshot).type.name == "NotFound":
+            return False
+        return bool(json.loads(fs.open_input_stream(snapshot).read()).get("checkpoint_results"))
 
-    wait_for(checkpointed, 600, "a fine-tuning checkpoint in the bucket", interval=0.2)
+    wait_for(checkpointed, 600, "a fine-tuning checkpoint recorded in the bucket", interval=0.2)
     workers = [p for p in sorted(descendants(node2.pid)) if title(p).startswith("ray::RayTrainWorker") and running(p)
                and psutil.Process(p).create_time() > since]  # this job's, not a finished job's exiting ones
     assert len(workers) == 2, workers
@@ -194,11 +197,14 @@ def tuned(cluster, selected):
         os.kill(p, signal.SIGSTOP)
     assert fs.get_file_info(f"{BUCKET}/target2/trainer_state.json").type.name == "NotFound", \
         "the run finished before its workers were stopped"
+    killed = title(workers[0])
     os.kill(workers[0], signal.SIGKILL)
     os.kill(workers[1], signal.SIGCONT)
     output, _ = submitted.communicate(timeout=900)
     assert submitted.returncode == 0, output[-4000:]
-    return {z: json.loads(fs.open_input_stream(f"{BUCKET}/target{z}/finetune.json").read()) for z in (2, 3)}
+    records = {z: json.loads(fs.open_input_stream(f"{BUCKET}/target{z}/finetune.json").read()) for z in (2, 3)}
+    assert len(records[2]["attempts"]) == 2, f"killed {workers[0]} ({killed}); no restart:\n{output[-6000:]}"
+    return records
 
 
 def test_fine_tuning_on_the_second_node_exports_to_the_bucket_and_resumes_from_it(cluster, tuned):
