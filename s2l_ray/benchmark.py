@@ -230,6 +230,7 @@ def run(cfg: BenchmarkConfig) -> dict:
     cfg = prepare(cfg)
     out = RunDir(cfg.output)
     out.ensure()
+    pipeline.ensure_ray()
     bases = build_bases(cfg) if cfg.bases.enabled else None
     if bases:
         cfg = replace(cfg, selection=replace(cfg.selection, proxy=replace(cfg.selection.proxy, model=bases["proxy"])),

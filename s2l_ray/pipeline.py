@@ -30,7 +30,7 @@ def versions() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
@@ -261,7 +261,7 @@ def select(cfg: S2LConfig) -> dict:
         raise ConfigError(f"select.method: {e}") from None
     run = RunDir(cfg.output)
     cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
-    _ensure_ray()
+    ensure_ray()
     check_visible({"corpus.path": cfg.corpus.path, "proxy.model": cfg.proxy.model, "text.tokenizer": cfg.text.tokenizer},
                   {"output": run.uri})
     run.ensure()
