@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_small):
-    """(dashboard address, env for `ray job submit`, S3 filesystem, node 2's process, hidden folders, runs/ before)."""
+    """(dashboard address, env for `ray job submit`, S3 filesystem, node 2's process, hidden folders, what the
+    head's runs/ and the run records in its test folders were before)."""
     import ray
 
     was_up = ray.is_initialized()
@@ -47,7 +48,7 @@ def cluster(tmp_path_factory, demo_small):
         pafs.copy_files(demo_small["tokenizer"], f"{BUCKET}/tokenizer", destination_filesystem=fs)
         hidden = [str(tmp_path_factory.getbasetemp()), str(REPO / "runs")]
         os.makedirs(hidden[1], exist_ok=True)
-        runs_before = sorted(os.listdir(hidden[1]))
+        before = (sorted(os.listdir(hidden[1])), records(hidden[0]))  # earlier tests' runs live there too
         port, dash = free_port(), free_port()
         head = subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
@@ -67,7 +68,7 @@ def cluster(tmp_path_factory, demo_small):
                 return "node2" in out and len(re.findall(r"node_[0-9a-f]+", out)) >= 2
 
             wait_for(both_up, 300, "the two Ray nodes", interval=2)
-            yield f"http://127.0.0.1:{dash}", env, fs, node2, hidden, runs_before
+            yield f"http://127.0.0.1:{dash}", env, fs, node2, hidden, before
         finally:
             for proc in (node2, head):
                 stop_session(proc.pid)
@@ -143,17 +144,21 @@ def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, se
     assert_nothing_local(cluster)
 
 
+def records(folder: str) -> list[Path]:
+    """The run records (manifest, fine-tuning and evaluation records) anywhere under ``folder``."""
+    return sorted(p for p in Path(folder).rglob("*") if p.name in ("manifest.json", "finetune.json", "metrics.json"))
+
+
 def assert_nothing_local(cluster) -> None:
     """No output on the head's disk (the test's folders, the repo's runs/, Ray Train's ~/ray_results) and
     nothing at all in the second node's private folders."""
-    *_, node2, hidden, runs_before = cluster
+    *_, node2, hidden, (runs_before, records_before) = cluster
     raylet = next(p for p in descendants(node2.pid) if running(p) and "raylet" in title(p))
     for d in hidden:
         seen_by_node2 = Path(f"/proc/{raylet}/root{d}")  # the folder as node 2's processes see it
         assert sorted(p.name for p in seen_by_node2.iterdir()) == [], d
     assert sorted(os.listdir(hidden[1])) == runs_before
-    written = [p for p in Path(hidden[0]).rglob("*") if p.name in ("manifest.json", "finetune.json", "metrics.json")]
-    assert written == []
+    assert records(hidden[0]) == records_before
     results = Path.home() / "ray_results"
     assert not results.is_dir() or not list(results.glob("train*"))
 
@@ -202,9 +207,9 @@ def tuned(cluster, selected):
     os.kill(workers[1], signal.SIGCONT)
     output, _ = submitted.communicate(timeout=900)
     assert submitted.returncode == 0, output[-4000:]
-    records = {z: json.loads(fs.open_input_stream(f"{BUCKET}/target{z}/finetune.json").read()) for z in (2, 3)}
-    assert len(records[2]["attempts"]) == 2, f"killed {workers[0]} ({killed}); no restart:\n{output[-6000:]}"
-    return records
+    runs = {z: json.loads(fs.open_input_stream(f"{BUCKET}/target{z}/finetune.json").read()) for z in (2, 3)}
+    assert len(runs[2]["attempts"]) == 2, f"killed {workers[0]} ({killed}); no restart:\n{output[-6000:]}"
+    return runs
 
 
 def test_fine_tuning_on_the_second_node_exports_to_the_bucket_and_resumes_from_it(cluster, tuned):
