@@ -18,6 +18,7 @@ malformed JSON, bad UTF-8 and missing or mistyped fields are always errors.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -659,18 +660,29 @@ def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> l
     return parts
 
 
-def _get_in_order(refs: list) -> list:
-    """``ray.get`` of each ref in order, so the first failing item in input order is the one reported; on a
-    failure the other tasks are cancelled and waited for, so that none still writes when the caller cleans up."""
+def _map_in_order(task, calls) -> list:
+    """``task.remote(*args)`` for each ``args`` in ``calls``, at most two per cluster CPU in flight; the results
+    in order, so the first failing call in input order is the one raised. On a failure nothing more is
+    submitted and the calls in flight are waited for, so that none still writes when the caller cleans up.
+    They are not cancelled: ``ray.cancel`` racing a task's completion aborts the owner process in Ray 2.x
+    ("Tried to complete task that was not pending", ray-project/ray#54846)."""
     import ray
 
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    results, flight = [], collections.deque()
     try:
-        return [ray.get(r) for r in refs]
+        for args in calls:
+            flight.append(task.remote(*args))
+            if len(flight) >= window:
+                results.append(ray.get(flight[0]))
+                flight.popleft()
+        while flight:
+            results.append(ray.get(flight[0]))
+            flight.popleft()
     except BaseException:
-        for r in refs:
-            ray.cancel(r)
-        ray.wait(refs, num_returns=len(refs), timeout=300)
+        ray.wait(list(flight), num_returns=len(flight))
         raise
+    return results
 
 
 def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: int = 8192,
@@ -693,10 +705,10 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     ingest = ray.remote(_ingest).options(num_cpus=1, scheduling_strategy="SPREAD")
     clear()
     try:
-        results = _get_in_order([ingest.remote(p, cfg, text, tokenizer, run.uri, buckets) for p in pieces])
+        results = _map_in_order(ingest, ((p, cfg, text, tokenizer, run.uri, buckets) for p in pieces))
         find = ray.remote(_duplicates).options(num_cpus=1, scheduling_strategy="SPREAD")
         drops: dict[int, list[int]] = {}
-        for found in _get_in_order([find.remote(pieces, run.uri, cfg.strict, b) for b in range(buckets)]):
+        for found in _map_in_order(find, ((pieces, run.uri, cfg.strict, b) for b in range(buckets))):
             for p, pos in found:
                 drops.setdefault(p, []).append(pos)
         dropped = Drops()
@@ -706,8 +718,8 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
             for pos in sorted(positions):
                 dropped.add("duplicate_id", _read_staged(_staged(run, p), pos, pos + 1, ["id"]).column("id")[0].as_py())
         write = ray.remote(_write_part).options(num_cpus=1, scheduling_strategy="SPREAD")
-        parts = _get_in_order([write.remote(run.uri, n, start, segs) for n, (start, segs) in
-                               enumerate(_segments([r["rows"] for r in results], drops, part_rows))])
+        parts = _map_in_order(write, ((run.uri, n, start, segs) for n, (start, segs) in
+                                      enumerate(_segments([r["rows"] for r in results], drops, part_rows))))
         if not parts:
             raise CorpusError(f"{cfg.path}: the corpus is empty" + (
                 f" (every row was dropped: {_drop_summary(dropped)})" if sum(dropped.counts.values()) else ""))
