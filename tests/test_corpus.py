@@ -234,3 +234,34 @@ def test_parquet_row_groups_and_arrow_shards_are_pieces(tmp_path, demo_small):
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet", row_group_size=300)
     with pytest.raises(CorpusError, match=r"bad\.parquet row 1234: field 'response' must be a string"):
         load(tmp_path / "bad", demo_small, tmp_path / "bad.parquet", piece_bytes=1)
+
+
+def test_a_failed_call_stops_submission_and_waits_for_the_calls_in_flight(tmp_path):
+    import ray
+
+    from s2l_ray.corpus import _map_in_order
+
+    def marked(i: int, folder: str) -> int:  # defined here so that Ray ships it by value
+        """Marks its start, fails for call 1, and marks its end a second later otherwise."""
+        import pathlib
+        import time
+
+        pathlib.Path(folder, f"start-{i}").touch()
+        if i == 1:
+            raise ValueError("call 1 failed")
+        time.sleep(1.0)
+        pathlib.Path(folder, f"done-{i}").touch()
+        return i
+
+    task = ray.remote(marked).options(num_cpus=1, max_retries=0)
+    assert _map_in_order(task, [(i, str(tmp_path)) for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]) == [0, 2, 3, 4, 5, 6, 7,
+                                                                                            8, 9]
+    for f in tmp_path.iterdir():
+        f.unlink()
+    window = 2 * int(ray.cluster_resources()["CPU"])  # 4 on the tests' 2-CPU Ray
+    with pytest.raises(ValueError, match="call 1 failed"):
+        _map_in_order(task, [(i, str(tmp_path)) for i in range(10)])
+    started = sorted(int(f.name.split("-")[1]) for f in tmp_path.glob("start-*"))
+    done = sorted(int(f.name.split("-")[1]) for f in tmp_path.glob("done-*"))
+    assert started == list(range(window + 1))  # call 0 returned, so one more went in; none after the failure
+    assert done == [i for i in started if i != 1]  # every call in flight finished before the error came out
