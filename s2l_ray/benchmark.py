@@ -107,15 +107,20 @@ def check_methods(cfg: BenchmarkConfig) -> None:
         raise ConfigError("methods, seeds and budgets must each list at least one value")
 
 
+def global_dir(cfg: BenchmarkConfig) -> RunDir:
+    """Where ``global_clusters`` puts the global k-means."""
+    return RunDir(posixpath.join(cfg.output, "clusters-global"))
+
+
 def global_clusters(run: RunDir, cfg: BenchmarkConfig) -> tuple[RunDir, dict]:
     """One k-means over every example (no split by source) on the selection run's trajectories, in
     ``<output>/clusters-global``; reused when made from the same trajectories and settings."""
     from .clustering import cluster_run
 
-    dest = RunDir(posixpath.join(cfg.output, "clusters-global"))
-    k = cfg.global_k or cfg.selection.cluster.k * len(run.read_manifest()["corpus"]["sources"])
+    dest, manifest = global_dir(cfg), run.read_manifest()
+    k = cfg.global_k or cfg.selection.cluster.k * len(manifest["corpus"]["sources"])
     ccfg = replace(cfg.selection.cluster, per_source=False, k=k)
-    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(ccfg), cfg.selection.seed)
+    key = stage_key(manifest["stages"]["proxy"]["key"], to_dict(ccfg), cfg.selection.seed)
     done = dest.read_manifest()
     if done.get("key") == key:
         return dest, done["clusters"]
@@ -253,7 +258,7 @@ def run(cfg: BenchmarkConfig) -> dict:
     results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": done, "summary": rows,
                "selection_stages": {k: v.get("seconds") for k, v in stages.items()},
                "comparisons": compare(done, cfg), "cost": ledger(manifest, done, cfg), "bases": bases,
-               "global_clusters": RunDir(posixpath.join(cfg.output, "clusters-global")).read_manifest().get("clusters")
+               "global_clusters": global_dir(cfg).read_manifest().get("clusters")
                if GLOBAL in cfg.methods else None,
                "total_seconds": round(time.time() - started, 2)}
     run_dir.update_manifest(cost=results["cost"])
@@ -349,7 +354,7 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
     if not done:
         from .corpus import normalised
 
-        held_out = {r["prompt"] for _, r in normalised(replace(cfg.evaluate.corpus, path=cfg.evaluate.corpus.path))}
+        held_out = {r["prompt"] for _, r in normalised(cfg.evaluate.corpus)}
         rows = [r for r in demo.pretraining_rows(b.sources, b.rows_per_source, b.seed) if r["prompt"] not in held_out]
         write_bytes_atomic(out.fs, out.path("pretraining.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
     text = TextConfig(template="{prompt}\n", tokenizer=tokenizer, max_length=b.max_length, train_on_prompt=True)

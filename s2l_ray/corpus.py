@@ -680,7 +680,8 @@ def _map_in_order(task, calls) -> list:
             results.append(ray.get(flight[0]))
             flight.popleft()
     except BaseException:
-        ray.wait(list(flight), num_returns=len(flight))
+        if flight:  # ray.wait refuses num_returns=0, which would hide the error
+            ray.wait(list(flight), num_returns=len(flight))
         raise
     return results
 
