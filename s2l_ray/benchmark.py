@@ -340,12 +340,12 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
     from .models import PRESETS, load_tokenizer, preset_config
 
     b, out = cfg.bases, RunDir(posixpath.join(cfg.output, "bases"))
-    tokenizer = cfg.selection.text.tokenizer
-    key = stage_key(to_dict(b), tokenizer)
+    tokenizer, generator_args = cfg.selection.text.tokenizer, cfg.selection.demo.generator_args
+    key = stage_key(to_dict(b), tokenizer, _file_digest(posixpath.join(tokenizer, "tokenizer.json")), generator_args)
     done = out.read_manifest()
     if done and done.get("key") != key:
-        raise ConfigError(f"{out.uri} holds bases pretrained with another bases config ({done.get('config')}); use a "
-                          "new output or delete that folder")
+        raise ConfigError(f"{out.uri} holds bases pretrained with another bases config, tokenizer or demo generator "
+                          f"settings ({done.get('config')}); use a new output or delete that folder")
     roles = [("proxy", b.proxy_preset)] + ([("target", b.target_preset)] if b.target_preset else [])
     if any(p not in PRESETS for _, p in roles):
         raise ConfigError(f"bases: presets must be among {sorted(PRESETS)}")
@@ -355,7 +355,8 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
         from .corpus import normalised
 
         held_out = {r["prompt"] for _, r in normalised(cfg.evaluate.corpus)}
-        rows = [r for r in demo.pretraining_rows(b.sources, b.rows_per_source, b.seed) if r["prompt"] not in held_out]
+        rows = [r for r in demo.pretraining_rows(b.sources, b.rows_per_source, b.seed, generator_args)
+                if r["prompt"] not in held_out]
         write_bytes_atomic(out.fs, out.path("pretraining.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
     text = TextConfig(template="{prompt}\n", tokenizer=tokenizer, max_length=b.max_length, train_on_prompt=True)
     runs = [FinetuneConfig(output=out.uri_of(role), preset=preset, seed=cfg.selection.proxy.seed, epochs=b.epochs,
@@ -369,12 +370,24 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
     records = dict(zip([r for r, _ in roles], finetune.run_many(runs, sweep_dir=out.uri_of("sweep"))))
     tok = load_tokenizer(tokenizer)
     params = {role: _parameters(preset_config(p, tok, b.max_length)) for role, p in roles}
-    stats = {"key": key, "config": to_dict(b), **{r: rec["model"] for r, rec in records.items()},
+    stats = {"key": key, "config": to_dict(b), "generator_args": generator_args, **{r: rec["model"] for r, rec in records.items()},
              "parameters": params, "target_to_proxy": params["target"] / params["proxy"] if "target" in params else None,
              "final_loss": {r: rec["final_loss"] for r, rec in records.items()},
              "compute_seconds": {r: rec["compute_seconds"] for r, rec in records.items()}}
     out.update_manifest(**stats)
     return stats
+
+
+def _file_digest(uri: str) -> str:
+    """The SHA-256 prefix of a file's bytes; "" when there is no such file."""
+    import hashlib
+
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (FileNotFoundError, OSError):
+        return ""
 
 
 def _parameters(config) -> int:

@@ -57,6 +57,9 @@ class DemoConfig:
     eval_per_source: int = 25
     seed: int = 1234
     vocab_size: int = 2048
+    # per source, the reasoning-gym generator's own config ({"gcd": {"max_value": 100}}); unnamed: its defaults.
+    # The benchmark's bases pretrain on these generators with the same settings.
+    generator_args: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,6 +276,10 @@ def parse_resources(items: list[str], where: str) -> dict[str, float]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ConfigError(f"{where}: expected a mapping of mappings, got {value!r}")
+        return {str(k): dict(v) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

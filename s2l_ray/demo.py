@@ -21,10 +21,13 @@ SOURCE_SEED_STRIDE = 1_000_003
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
-def _items(name: str, size: int, seed: int) -> list[dict]:
+def _items(name: str, size: int, seed: int, args: dict | None = None) -> list[dict]:
     import reasoning_gym
 
-    ds = reasoning_gym.create_dataset(name, size=size, seed=seed)
+    try:
+        ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **(args or {}))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"demo.generator_args.{name}: reasoning-gym refused {args}: {e}") from None
     rows = []
     for i in range(size):
         item = ds[i]
@@ -44,26 +47,32 @@ def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     if len(sizes) != len(cfg.sources) or min(sizes, default=1) < 1:
         raise ConfigError(f"demo.train_sizes: give one count >= 1 per source ({len(cfg.sources)} sources: "
                           f"{cfg.sources}), got {cfg.train_sizes}")
+    unknown = sorted(set(cfg.generator_args) - set(cfg.sources))
+    if unknown:
+        raise ConfigError(f"demo.generator_args: {unknown} are not among demo.sources {cfg.sources}")
     train, evaluation = [], []
     for k, (name, size) in enumerate(zip(cfg.sources, sizes)):
-        seed = cfg.seed + k * SOURCE_SEED_STRIDE
+        seed, args = cfg.seed + k * SOURCE_SEED_STRIDE, cfg.generator_args.get(name)
         seen: set[str] = set()
-        for row in _items(name, size, seed):
+        for row in _items(name, size, seed, args):
             if row["prompt"] not in seen:  # small generators repeat themselves
                 seen.add(row["prompt"])
                 train.append(row)
-        for row in _items(name, cfg.eval_per_source, seed + EVAL_SEED_OFFSET):
+        for row in _items(name, cfg.eval_per_source, seed + EVAL_SEED_OFFSET, args):
             if row["prompt"] not in seen:
                 seen.add(row["prompt"])
                 evaluation.append(row)
     return train, evaluation
 
 
-def pretraining_rows(sources: list[str], per_source: int, seed: int) -> list[dict]:
+def pretraining_rows(sources: list[str], per_source: int, seed: int,
+                     generator_args: dict[str, dict] | None = None) -> list[dict]:
     """Maths texts for pretraining a base: ``per_source`` items of each reasoning-gym generator (question and
-    worked answer), item i of source k from ``Random(seed + k * SOURCE_SEED_STRIDE + i)``."""
-    return [{"prompt": r["prompt"], "response": r["response"], "source": name}
-            for k, name in enumerate(sources) for r in _items(name, per_source, seed + k * SOURCE_SEED_STRIDE)]
+    worked answer; ``generator_args`` per source, as in the demo), item i of source k from
+    ``Random(seed + k * SOURCE_SEED_STRIDE + i)``."""
+    args = generator_args or {}
+    return [{"prompt": r["prompt"], "response": r["response"], "source": name} for k, name in enumerate(sources)
+            for r in _items(name, per_source, seed + k * SOURCE_SEED_STRIDE, args.get(name))]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, path: str):

@@ -109,6 +109,9 @@ def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(
                                                  for r in ("proxy", "target")} == stamps
     with pytest.raises(ConfigError, match="bases pretrained with another bases config"):
         benchmark.build_bases(benchmark.prepare(tiny(tmp_path, **{**extra, "bases.lr": 0.01})))
+    harder = {**extra, "selection.demo.generator_args": {"gcd": {"max_value": 50}}}  # other texts, other tokenizer
+    with pytest.raises(ConfigError, match="bases pretrained with another bases config, tokenizer or demo generator"):
+        benchmark.build_bases(benchmark.prepare(tiny(tmp_path, **harder)))
 
 
 @pytest.mark.parametrize("preset", ["benchmark_cpu.yaml", "benchmark_cpu_scratch.yaml", "benchmark_real.yaml",

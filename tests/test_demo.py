@@ -38,3 +38,31 @@ def test_skewed_mixture_sizes_per_source_and_bad_sizes_refused():
     for sizes in ([3, 9], [3, 0, 9]):
         with pytest.raises(ConfigError, match="demo.train_sizes: give one count >= 1 per source"):
             demo.generate(DemoConfig(sources=cfg.sources, train_sizes=sizes))
+
+
+def test_generator_args_set_each_source_difficulty_in_the_demo_and_the_pretraining_texts(tmp_path):
+    import re
+
+    import pytest
+
+    from s2l_ray.config import ConfigError, load_config
+
+    yaml = tmp_path / "demo.yaml"
+    yaml.write_text("sources: [gcd, basic_arithmetic]\ntrain_per_source: 30\neval_per_source: 5\n"
+                    "generator_args:\n  basic_arithmetic: {max_terms: 2, max_digits: 1, operators: ['+'],"
+                    " allow_parentheses: false, allow_negation: false}\n")
+    cfg = load_config(str(yaml), cls=DemoConfig)
+    train, ev = demo.generate(cfg)
+    easy = [r["prompt"] for r in train + ev if r["source"] == "basic_arithmetic"]
+    assert easy and all(re.fullmatch(r"Calculate \d{1,2} \+ \d{1,2}\.", p) for p in easy)
+    gcd = [int(n) for r in train if r["source"] == "gcd" for n in re.findall(r"\d+", r["prompt"].split(":")[1])]
+    assert max(gcd) > 100  # unnamed sources keep reasoning-gym's defaults (values up to 1000)
+    texts = demo.pretraining_rows(["basic_arithmetic"], 20, 50_000_000, cfg.generator_args)
+    assert all(re.fullmatch(r"Calculate \d{1,2} \+ \d{1,2}\.", r["prompt"]) for r in texts)
+    with pytest.raises(ConfigError, match=r"demo.generator_args: \['lcm'\] are not among demo.sources"):
+        demo.generate(DemoConfig(sources=["gcd"], generator_args={"lcm": {"max_value": 20}}))
+    with pytest.raises(ConfigError, match="demo.generator_args.gcd: reasoning-gym refused"):
+        demo.generate(DemoConfig(sources=["gcd"], generator_args={"gcd": {"max_vaule": 20}}))
+    yaml.write_text("generator_args: {gcd: 20}\n")
+    with pytest.raises(ConfigError, match="generator_args: expected a mapping of mappings"):
+        load_config(str(yaml), cls=DemoConfig)
