@@ -247,17 +247,23 @@ def run(cfg: BenchmarkConfig) -> dict:
     budgets = [resolve_budget(b, n) for b in cfg.budgets]
     several = len(budgets) > 1
     done: list[dict] = []
+    drawn: dict[tuple[str, int], list[dict]] = {}  # the subsets' examples per source, per seed
     for method in cfg.methods + (["full"] if cfg.full else []):
         todo = []
         for seed in cfg.seeds:
             data, stats = subset(run_dir, cfg, method, seed)
             todo += [(budget, seed, data, stats) for budget in ([n] if method == "full" else budgets)]
+            for budget in [n] if method == "full" else budgets:
+                drawn.setdefault((method, budget), []).append(stats["budgets"][str(budget)]["sources"])
         done += cells(cfg, method, todo, several and method != "full")
     rows = aggregate(done)
     stages = manifest["stages"]
     results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": done, "summary": rows,
                "selection_stages": {k: v.get("seconds") for k, v in stages.items()},
                "comparisons": compare(done, cfg), "cost": ledger(manifest, done, cfg), "bases": bases,
+               "composition": [{"method": m, "budget": b, "sources": {s: float(np.mean([d.get(s, 0) for d in ds]))
+                                                                      for s in manifest["corpus"]["sources"]}}
+                               for (m, b), ds in drawn.items()],
                "global_clusters": global_dir(cfg).read_manifest().get("clusters")
                if GLOBAL in cfg.methods else None,
                "total_seconds": round(time.time() - started, 2)}

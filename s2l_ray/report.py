@@ -75,6 +75,7 @@ def benchmark_markdown(results: dict) -> str:
                   "|---|---:|" + "---:|" * len(sources)]
         lines += [f"| {r['method']} | {100 * r['budget'] / n:.0f}% | " + " | ".join(fmt(r[key][s]) for s in sources)
                   + " |" for r in rows]
+    lines += _composition(results.get("composition") or [], n)
     lines += _comparisons(results.get("comparisons") or [], n)
     lines += _ledger(results.get("cost"), n)
     if results.get("global_clusters"):
@@ -100,6 +101,19 @@ def benchmark_markdown(results: dict) -> str:
               f"| evaluate, per cell (mean) | {mean['evaluate']:.0f} |",
               f"| whole benchmark (this run; reused work not counted) | {results['total_seconds']:.0f} |"]
     return "\n".join(lines) + "\n"
+
+
+def _composition(rows: list[dict], n: int) -> list[str]:
+    """Where each method's budget goes: examples per source in its subsets (mean over seeds)."""
+    if not rows:
+        return []
+    sources = sorted(rows[0]["sources"])
+    lines = ["", "Where the budget goes (examples per source in the subset, mean over seeds):", "",
+             "| method | budget | " + " | ".join(sources) + " |", "|---|---:|" + "---:|" * len(sources)]
+    for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
+        lines.append(f"| {r['method']} | {100 * r['budget'] / n:.0f}% | "
+                     + " | ".join(f"{r['sources'][s]:.0f}" for s in sources) + " |")
+    return lines
 
 
 def _comparisons(rows: list[dict], n: int) -> list[str]:

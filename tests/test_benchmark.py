@@ -61,7 +61,17 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     assert rows[("s2l", 8)]["loss"] == pytest.approx(sum(c["loss"] for c in s2l) / 2)
     sel = tmp_path / "bench" / "selections"
     assert (sel / "s2l" / "seed0" / "selected.jsonl").read_text() != (sel / "s2l" / "seed1" / "selected.jsonl").read_text()
+    # where the budget goes: each method's mix of sources is that of its subsets' files, mean over seeds
+    from collections import Counter
+
+    drawn = {(r["method"], r["budget"]): r["sources"] for r in results["composition"]}
+    for method in ("s2l", "s2l-global", "random"):
+        files = [Counter(json.loads(line)["source"] for line in open(sel / method / f"seed{s}" / "selected.jsonl"))
+                 for s in (0, 1)]
+        assert drawn[(method, 8)] == {k: (files[0][k] + files[1][k]) / 2 for k in ("gcd", "basic_arithmetic")}
     md = (tmp_path / "bench" / "results.md").read_text()
+    mix = drawn[("s2l", 8)]
+    assert "Where the budget goes" in md and f"| s2l | 25% | {mix['basic_arithmetic']:.0f} | {mix['gcd']:.0f} |" in md
     assert "| s2l | 25% | 8 |" in md and "fine-tune, per cell" in md and "Response loss per source" in md
     assert "| s2l | 25% | random |" in md and "selection, total" in md and "source purity" in md
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
