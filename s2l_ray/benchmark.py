@@ -341,25 +341,31 @@ def ledger(manifest: dict, cells: list[dict], cfg: BenchmarkConfig) -> dict:
 def build_bases(cfg: BenchmarkConfig) -> dict:
     """The pretrained bases, once: a proxy (``bases.proxy_preset``) and a target (``bases.target_preset``)
     trained from scratch as language models of whole texts (``text.train_on_prompt``) on a broad maths
-    mixture, in ``<output>/bases``; reused on rerun, refused when built with another bases config."""
+    mixture, in ``bases.output`` (default ``<output>/bases``); reused on rerun and by other outputs with the same
+    settings, tokenizer (by content) and demo generators, refused when any of them differs."""
     from . import demo, finetune
+    from pyarrow.fs import FileType
+
+    from .corpus import normalised
     from .models import PRESETS, load_tokenizer, preset_config
 
-    b, out = cfg.bases, RunDir(posixpath.join(cfg.output, "bases"))
+    b, out = cfg.bases, RunDir(cfg.bases.output or posixpath.join(cfg.output, "bases"))
     tokenizer, generator_args = cfg.selection.text.tokenizer, cfg.selection.demo.generator_args
-    key = stage_key(to_dict(b), tokenizer, _file_digest(posixpath.join(tokenizer, "tokenizer.json")), generator_args)
+    settings = {k: v for k, v in to_dict(b).items() if k != "output"}  # what the bases are made from
+    digest = _file_digest(posixpath.join(tokenizer, "tokenizer.json"))
+    key = stage_key(settings, digest or tokenizer, generator_args)
     done = out.read_manifest()
     if done and done.get("key") != key:
         raise ConfigError(f"{out.uri} holds bases pretrained with another bases config, tokenizer or demo generator "
                           f"settings ({done.get('config')}); use a new output or delete that folder")
+    if done:  # written once both bases are trained
+        return done
     roles = [("proxy", b.proxy_preset)] + ([("target", b.target_preset)] if b.target_preset else [])
     if any(p not in PRESETS for _, p in roles):
         raise ConfigError(f"bases: presets must be among {sorted(PRESETS)}")
     out.ensure()
     data = out.uri_of("pretraining.jsonl")
-    if not done:
-        from .corpus import normalised
-
+    if out.fs.get_file_info(out.path("pretraining.jsonl")).type == FileType.NotFound:  # kept when resumed
         held_out = {r["prompt"] for _, r in normalised(cfg.evaluate.corpus)}
         rows = [r for r in demo.pretraining_rows(b.sources, b.rows_per_source, b.seed, generator_args)
                 if r["prompt"] not in held_out]
@@ -376,7 +382,8 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
     records = dict(zip([r for r, _ in roles], finetune.run_many(runs, sweep_dir=out.uri_of("sweep"))))
     tok = load_tokenizer(tokenizer)
     params = {role: _parameters(preset_config(p, tok, b.max_length)) for role, p in roles}
-    stats = {"key": key, "config": to_dict(b), "generator_args": generator_args, **{r: rec["model"] for r, rec in records.items()},
+    stats = {"key": key, "config": to_dict(b), "generator_args": generator_args,
+             **{r: rec["model"] for r, rec in records.items()},
              "parameters": params, "target_to_proxy": params["target"] / params["proxy"] if "target" in params else None,
              "final_loss": {r: rec["final_loss"] for r, rec in records.items()},
              "compute_seconds": {r: rec["compute_seconds"] for r, rec in records.items()}}

@@ -218,6 +218,7 @@ class BasesConfig:
     fine-tuning and evaluation item; every cell then fine-tunes them."""
 
     enabled: bool = False
+    output: str = ""  # where the bases are kept; empty: <benchmark output>/bases (share one folder between outputs)
     sources: list[str] = field(default_factory=lambda: [
         "gsm_symbolic", "basic_arithmetic", "chain_sum", "fraction_simplification", "gcd", "lcm", "simple_equations",
         "base_conversion", "prime_factorization", "decimal_arithmetic", "leg_counting", "power_function",

@@ -117,6 +117,11 @@ def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(
     again = benchmark.build_bases(cfg)  # reused: nothing trained again
     assert again["proxy"] == built["proxy"] and {r: (root / r / "finetune.json").stat().st_mtime_ns
                                                  for r in ("proxy", "target")} == stamps
+    # another benchmark output shares them (its own demo folder, the same tokenizer by content): nothing trained
+    shared = benchmark.build_bases(benchmark.prepare(tiny(tmp_path, output=str(tmp_path / "other"),
+                                                          **{**extra, "bases.output": str(root)})))
+    assert shared["target"] == built["target"] and not (tmp_path / "other" / "bases").exists()
+    assert {r: (root / r / "finetune.json").stat().st_mtime_ns for r in ("proxy", "target")} == stamps
     with pytest.raises(ConfigError, match="bases pretrained with another bases config"):
         benchmark.build_bases(benchmark.prepare(tiny(tmp_path, **{**extra, "bases.lr": 0.01})))
     harder = {**extra, "selection.demo.generator_args": {"gcd": {"max_value": 50}}}  # other texts, other tokenizer
