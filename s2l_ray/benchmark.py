@@ -8,7 +8,7 @@ targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_
 is paid once per method, not per target. Everything lands under ``<output>/``::
 
     data/                          the demo mixture (when no corpus is given)
-    bases/                         the pretrained bases (bases.enabled): data, proxy/ and target/ runs
+    bases/                         the pretrained bases (bases.enabled; bases.output shares another folder's)
     selection/                     the selection run (pipeline.select)
     clusters-global/               one global k-means over the same trajectories (method "s2l-global")
     selections/<method>/seed<s>/   selection[-<B>].parquet, selected[-<B>].jsonl
