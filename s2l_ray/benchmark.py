@@ -343,9 +343,9 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
     trained from scratch as language models of whole texts (``text.train_on_prompt``) on a broad maths
     mixture, in ``bases.output`` (default ``<output>/bases``); reused on rerun and by other outputs with the same
     settings, tokenizer (by content) and demo generators, refused when any of them differs."""
-    from . import demo, finetune
     from pyarrow.fs import FileType
 
+    from . import demo, finetune
     from .corpus import normalised
     from .models import PRESETS, load_tokenizer, preset_config
 
