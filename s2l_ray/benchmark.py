@@ -249,11 +249,11 @@ def run(cfg: BenchmarkConfig) -> dict:
     done: list[dict] = []
     drawn: dict[tuple[str, int], list[dict]] = {}  # the subsets' examples per source, per seed
     for method in cfg.methods + (["full"] if cfg.full else []):
-        todo = []
+        todo, sizes = [], [n] if method == "full" else budgets
         for seed in cfg.seeds:
             data, stats = subset(run_dir, cfg, method, seed)
-            todo += [(budget, seed, data, stats) for budget in ([n] if method == "full" else budgets)]
-            for budget in [n] if method == "full" else budgets:
+            todo += [(budget, seed, data, stats) for budget in sizes]
+            for budget in sizes:
                 drawn.setdefault((method, budget), []).append(stats["budgets"][str(budget)]["sources"])
         done += cells(cfg, method, todo, several and method != "full")
     rows = aggregate(done)
