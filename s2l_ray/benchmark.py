@@ -372,7 +372,8 @@ def build_bases(cfg: BenchmarkConfig) -> dict:
         write_bytes_atomic(out.fs, out.path("pretraining.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode())
     text = TextConfig(template="{prompt}\n", tokenizer=tokenizer, max_length=b.max_length, train_on_prompt=True)
     runs = [FinetuneConfig(output=out.uri_of(role), preset=preset, seed=cfg.selection.proxy.seed, epochs=b.epochs,
-                           lr=b.lr, micro_batch_size=b.micro_batch_size, checkpoint_every=0,
+                           lr=b.lr, micro_batch_size=b.micro_batch_size, length_window=b.length_window,
+                           checkpoint_every=0,
                            num_workers=cfg.finetune.num_workers, cpus_per_worker=cfg.finetune.cpus_per_worker,
                            gpus_per_worker=cfg.finetune.gpus_per_worker, use_gpu=cfg.finetune.use_gpu,
                            corpus=CorpusConfig(path=data), text=text)

@@ -60,6 +60,7 @@ class DemoConfig:
     # per source, the reasoning-gym generator's own config ({"gcd": {"max_value": 100}}); unnamed: its defaults.
     # The benchmark's bases pretrain on these generators with the same settings.
     generator_args: dict[str, dict] = field(default_factory=dict)
+    split_digits: bool = False  # the tokenizer keeps every digit a token of its own (models can learn arithmetic)
 
 
 @dataclass
@@ -232,6 +233,7 @@ class BasesConfig:
     lr: float = 1e-3
     micro_batch_size: int = 16
     max_length: int = 256
+    length_window: int = 1  # as finetune.length_window: >1 groups texts of similar length (less padding)
 
 
 @dataclass

@@ -75,13 +75,16 @@ def pretraining_rows(sources: list[str], per_source: int, seed: int,
             for r in _items(name, per_source, seed + k * SOURCE_SEED_STRIDE, args.get(name))]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, path: str):
-    """Train a byte-level BPE tokenizer on ``texts`` and save it as a transformers tokenizer."""
+def train_tokenizer(texts: list[str], vocab_size: int, path: str, split_digits: bool = False):
+    """Train a byte-level BPE tokenizer on ``texts`` and save it as a transformers tokenizer; with
+    ``split_digits`` no token holds more than one digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -100,10 +103,13 @@ def fingerprint(cfg: DemoConfig) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write ``rows``; a file already holding exactly them is left as it is (its modification time, and so
+    the stored corpus made from it, stays valid when a changed config rebuilds the same rows)."""
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -130,7 +136,8 @@ def build(cfg: DemoConfig, root: str) -> dict[str, str]:
         {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]} for r in train])
     _write_jsonl(base / "eval_gsm8k.jsonl", [{"question": r["prompt"], "answer": r["response"]}
                                              for r in evaluation if r["source"] == "gsm_symbolic"])
-    train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"])
+    train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"],
+                    cfg.split_digits)
     stamp.write_text(json.dumps({"fingerprint": fp, "train": len(train), "eval": len(evaluation)}))
     return paths
 
