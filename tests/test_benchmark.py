@@ -102,7 +102,8 @@ def test_benchmark_refuses_unknown_or_full_methods(tmp_path):
 
 def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(ray_local, tmp_path):
     extra = {"bases.enabled": "true", "bases.sources": "gcd,lcm,chain_sum", "bases.rows_per_source": 12,
-             "bases.epochs": 1, "bases.micro_batch_size": 4, "bases.max_length": 96, "bases.target_preset": "small"}
+             "bases.epochs": 1, "bases.micro_batch_size": 4, "bases.max_length": 96, "bases.target_preset": "small",
+             "bases.length_window": 2}
     cfg = benchmark.prepare(tiny(tmp_path, **extra))
     built = benchmark.build_bases(cfg)
     root = tmp_path / "bench" / "bases"
@@ -113,6 +114,7 @@ def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(
     assert len(rows) <= 36 and not held_out & {r["prompt"] for r in rows}  # no held-out problem is pretrained on
     record = json.loads((root / "target" / "finetune.json").read_text())
     assert record["config"]["text"]["train_on_prompt"] and record["final_step"] == record["plan"]["total_steps"]
+    assert record["config"]["length_window"] == 2  # texts of similar length pretrained together
     stamps = {r: (root / r / "finetune.json").stat().st_mtime_ns for r in ("proxy", "target")}
     again = benchmark.build_bases(cfg)  # reused: nothing trained again
     assert again["proxy"] == built["proxy"] and {r: (root / r / "finetune.json").stat().st_mtime_ns
