@@ -1,4 +1,6 @@
 """The built-in demo corpus: deterministic, multi-source, evaluation split disjoint from training."""
+from dataclasses import replace
+
 from s2l_ray import demo
 from s2l_ray.config import DemoConfig
 from s2l_ray.models import load_tokenizer
@@ -71,7 +73,7 @@ def test_generator_args_set_each_source_difficulty_in_the_demo_and_the_pretraini
 def test_split_digits_gives_every_digit_its_own_token_and_round_trips(tmp_path):
     cfg = DemoConfig(sources=["basic_arithmetic", "gcd"], train_per_source=40, eval_per_source=2, vocab_size=400)
     merged = load_tokenizer(demo.build(cfg, str(tmp_path / "bpe"))["tokenizer"])
-    split = load_tokenizer(demo.build(DemoConfig(**{**cfg.__dict__, "split_digits": True}),
+    split = load_tokenizer(demo.build(replace(cfg, split_digits=True),
                                       str(tmp_path / "digits"))["tokenizer"])
     text = "Calculate 76 - 18.\n#### 58, then 1024 and 3.25"
     assert split.decode(split(text)["input_ids"]) == text
@@ -89,8 +91,8 @@ def test_a_rebuild_that_gives_the_same_rows_leaves_the_files_untouched(tmp_path)
     before = {f: os.stat(f).st_mtime_ns for f in files}
     tok = os.path.join(paths["tokenizer"], "tokenizer.json")
     bpe = open(tok).read()
-    demo.build(DemoConfig(**{**cfg.__dict__, "split_digits": True}), str(tmp_path))  # new tokenizer, same rows
+    demo.build(replace(cfg, split_digits=True), str(tmp_path))  # new tokenizer, same rows
     assert {f: os.stat(f).st_mtime_ns for f in files} == before and open(tok).read() != bpe
-    demo.build(DemoConfig(**{**cfg.__dict__, "train_per_source": 21}), str(tmp_path))
+    demo.build(replace(cfg, train_per_source=21), str(tmp_path))
     changed = {f for f in files if os.stat(f).st_mtime_ns != before[f]}
     assert changed == {paths["train"], paths["train_chat"]}  # one more training row; the held-out rows as before
