@@ -105,7 +105,7 @@ def main() -> None:
     cfg = ScoringConfig(num_actors=a.actors, cpus_per_actor=max(0.5, (os.cpu_count() - 0.5) / a.actors),
                         max_tokens=a.max_tokens)
     start = time.perf_counter()
-    score_point(run.uri, 0, 0, Checkpoint.from_directory(ckpt_dir), cfg, False, "fp32", n)
+    score_point([run.uri], 0, 0, Checkpoint.from_directory(ckpt_dir), cfg, False, "fp32")
     pipe_rate = n / (time.perf_counter() - start)
     got = pq.read_table(run.done_points()[0]["files"], partitioning=None, columns=["id", "loss"]).to_pydict()
     by_id = dict(zip(got["id"], got["loss"]))

@@ -27,7 +27,7 @@ from s2l_ray import trajectories
 from s2l_ray.clustering import cluster_run
 from s2l_ray.config import ClusterConfig, SelectConfig
 from s2l_ray.layout import RunDir, exists
-from s2l_ray.sampling import select_run
+from s2l_ray.selection.stage import select_run
 
 GIB = 2 ** 30
 

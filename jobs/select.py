@@ -14,7 +14,7 @@ import sys
 
 from s2l_ray import pipeline
 from s2l_ray.config import load_config, parse_sets
-from s2l_ray.methods import METHODS
+from s2l_ray.selection.methods import METHODS
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", help="subset size: a count (3000) or a fraction (0.1); comma-separate several")
     p.add_argument("--method", choices=sorted(METHODS),
                    help="selection method (default s2l); the others rank or sample from the same trajectories")
+    p.add_argument("--target", help="a few hundred examples of your target task (any corpus format or URI), "
+                                     "never trained on: for s2l-target, embedding-target, random-target-sources")
     p.add_argument("--seed", type=int)
     p.add_argument("--clusters", type=int, help="K for k-means")
     p.add_argument("--num-workers", type=int, help="Ray Train workers for the proxy")
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     overrides = {"corpus.path": a.data, "output": a.output, "select.budgets": a.budget, "select.method": a.method,
+                 "select.target": a.target,
                  "seed": a.seed, "cluster.k": a.clusters, "proxy.num_workers": a.num_workers,
                  "proxy.model": a.proxy_model}
     config = a.config

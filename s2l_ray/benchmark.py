@@ -33,7 +33,8 @@ import json
 
 import numpy as np
 
-from . import methods, pipeline
+from . import pipeline
+from .selection import methods
 from .config import BenchmarkConfig, ConfigError, CorpusConfig, FinetuneConfig, SelectConfig, TextConfig, to_dict
 from .layout import RunDir, read_json, resolve, stage_key, write_bytes_atomic, write_json_atomic
 from .progress import log as _log
@@ -133,7 +134,7 @@ def global_clusters(run: RunDir, cfg: BenchmarkConfig) -> tuple[RunDir, dict]:
 
 def subset(run: RunDir, cfg: BenchmarkConfig, method: str, seed: int) -> tuple[RunDir, dict]:
     """The method's subsets for every budget (reused when already drawn with the same settings)."""
-    from .sampling import select_run
+    from .selection.stage import select_run
 
     dest = RunDir(posixpath.join(cfg.output, "selections", method, f"seed{seed}"))
     stages = run.read_manifest()["stages"]  # what the subset depends on: the trajectories and clusters made
@@ -229,7 +230,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
 def run(cfg: BenchmarkConfig) -> dict:
     """The whole benchmark; returns what results.json holds."""
     from .report import benchmark_markdown, plot_benchmark
-    from .sampling import resolve_budget
+    from .selection.allocation import resolve_budget
 
     started = time.time()
     cfg = prepare(cfg)

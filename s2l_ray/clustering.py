@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import trajectories
 from .config import ClusterConfig
-from .layout import CLUSTERS_SCHEMA, RunDir, open_output_atomic
+from .layout import CENTROIDS_SCHEMA, CLUSTERS_SCHEMA, RunDir, exists, open_output_atomic, write_parquet_atomic
 
 BACKENDS = ("auto", "faiss", "cuml")
 ASSIGN_CHUNK = 65536  # rows per faiss search call inside assign()
@@ -294,6 +294,41 @@ def write_clusters(run: RunDir, labels: np.ndarray, dist: np.ndarray, fingerprin
             raise ClusteringError(f"the corpus files hold {start} rows, the manifest {len(labels)}")
 
 
+def write_centroids(dest: RunDir, centroids: list[np.ndarray], offsets: np.ndarray, names: list[str],
+                    fingerprint: str | None) -> None:
+    """``centroids.parquet``: every cluster's centroid and the source whose k-means it belongs to."""
+    rows = [(int(o) + c, names[g] if names else None, centroids[g][c].tolist())
+            for g, o in enumerate(offsets) for c in range(len(centroids[g]))]
+    schema = CENTROIDS_SCHEMA.with_metadata({"corpus_fingerprint": fingerprint or ""})
+    write_parquet_atomic(dest.fs, dest.centroids, pa.table(
+        {"cluster": [r[0] for r in rows], "source": [r[1] for r in rows], "centroid": [r[2] for r in rows]},
+        schema=schema))
+
+
+def read_centroids(run: RunDir) -> tuple[np.ndarray, list[str | None]]:
+    """Centroids ``[K, T']`` (row k: cluster k) and each one's source (None for one k-means over all rows)."""
+    if not exists(run.fs, run.centroids):
+        raise ClusteringError(f"{run.centroids} is missing: run clustering first")
+    table = pq.read_table(run.centroids, filesystem=run.fs)
+    order = np.argsort(table.column("cluster").to_numpy())
+    cents = np.asarray(table.column("centroid").to_pylist(), np.float32)[order]
+    sources = table.column("source").to_pylist()
+    return cents, [sources[i] for i in order]
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, owners: list[str | None], sources: list[str | None],
+            backend: str = "faiss") -> np.ndarray:
+    """Each row's nearest cluster: among its own source's clusters when its source has some (clusters fitted
+    per source), else among all."""
+    labels = assign(x, centroids, backend)[0].astype(np.int64)
+    owned = {s for s in owners if s is not None}
+    for s in set(sources) & owned:
+        rows = np.flatnonzero(np.asarray(sources, dtype=object) == s)
+        ids = np.flatnonzero(np.asarray(owners, dtype=object) == s)
+        labels[rows] = ids[assign(x[rows], centroids[ids], backend)[0]]
+    return labels
+
+
 def _fit_groups(samples: list[np.ndarray], ks: list[int], niter: int, seed: int, backend: str,
                 max_points_per_centroid: int) -> tuple[list[np.ndarray], dict]:
     """Ray task (a GPU with cuML): one k-means per group's sample; the centroids and where they were fitted."""
@@ -350,6 +385,7 @@ def cluster_run(run: RunDir, cfg: ClusterConfig, seed: int, *, num_points: int |
     fingerprint = run.read_manifest().get("corpus", {}).get("fingerprint")
     with _timed(timings, "write"):
         write_clusters(run, labels, dist, fingerprint, dest)
+        write_centroids(dest or run, centroids, offsets, names, fingerprint)
     n_clusters = int(sum(ks))
     sizes = np.bincount(labels, minlength=n_clusters)
     if report:

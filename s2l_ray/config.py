@@ -55,6 +55,10 @@ class DemoConfig:
     train_per_source: int = 200
     train_sizes: list[int] = field(default_factory=list)  # per source, aligned with sources; empty: train_per_source
     eval_per_source: int = 25
+    # target.jsonl: examples of the user's task for target-aware selection (--target), from generator seeds
+    # twenty million apart from the training items (and ten million from the evaluation's)
+    target_sources: list[str] = field(default_factory=lambda: ["gsm_symbolic"])
+    target_per_source: int = 50
     seed: int = 1234
     vocab_size: int = 2048
     # per source, the reasoning-gym generator's own config ({"gcd": {"max_value": 100}}); unnamed: its defaults.
@@ -117,6 +121,10 @@ class ClusterConfig:
     niter: int = 20
     max_points_per_centroid: int = 256  # fit on at most k * this many sampled points
     per_source: bool = False
+    # how per-source methods split the budget over sources: equal (the official code), proportional (by corpus
+    # share), target (by the target examples' mix); auto: the method's own (equal for s2l and
+    # random-per-source, target for s2l-target and random-target-sources)
+    source_split: str = "auto"
     nan_value: float = 0.0
     keep_every: int = 1
 
@@ -127,6 +135,11 @@ class SelectConfig:
 
     method: str = "s2l"
     budgets: list[float] = field(default_factory=lambda: [0.1])  # counts (>=1) or fractions (<1)
+    # a few hundred examples of the user's target task (any corpus format, read with the corpus's column
+    # settings), never trained on: scored at every trajectory point like the corpus, for target-aware methods
+    target: str = ""
+    target_smoothing: float = 0.1  # share of the weight spread evenly over clusters/sources (0: target alone)
+    embedding_rank: str = "nearest"  # embedding-target: nearest (max cosine over target examples) | mean
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The built-in demo: a multi-source maths SFT corpus from reasoning-gym and a local tokenizer.
 
 Every response ends with ``#### <final answer>`` (GSM8K's convention); ``gsm_symbolic``
-responses carry the step-by-step solution before it. Train and evaluation items come from
-seeds ten million apart (reasoning-gym item i uses ``Random(seed + i)``), and any evaluation
-prompt that also occurs in the training split is dropped.
+responses carry the step-by-step solution before it. Train, evaluation and target items come
+from seeds ten million apart (reasoning-gym item i uses ``Random(seed + i)``), and any
+evaluation or target prompt that also occurs in an earlier split is dropped.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .text import PLAIN_CHAT_TEMPLATE
 
 DEMO_ROOT = "runs/demo-data"  # where the jobs build the demo corpus and tokenizer by default
 EVAL_SEED_OFFSET = 10_000_000
+TARGET_SEED_OFFSET = 20_000_000
 SOURCE_SEED_STRIDE = 1_000_003
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -41,8 +42,8 @@ def _items(name: str, size: int, seed: int, args: dict | None = None) -> list[di
     return rows
 
 
-def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
-    """Train and evaluation rows; the same config always gives the same rows."""
+def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train, evaluation and target rows; the same config always gives the same rows."""
     sizes = cfg.train_sizes or [cfg.train_per_source] * len(cfg.sources)
     if len(sizes) != len(cfg.sources) or min(sizes, default=1) < 1:
         raise ConfigError(f"demo.train_sizes: give one count >= 1 per source ({len(cfg.sources)} sources: "
@@ -50,7 +51,10 @@ def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
     unknown = sorted(set(cfg.generator_args) - set(cfg.sources))
     if unknown:
         raise ConfigError(f"demo.generator_args: {unknown} are not among demo.sources {cfg.sources}")
-    train, evaluation = [], []
+    unknown = sorted(set(cfg.target_sources) - set(cfg.sources))
+    if unknown:
+        raise ConfigError(f"demo.target_sources: {unknown} are not among demo.sources {cfg.sources}")
+    train, evaluation, target = [], [], []
     for k, (name, size) in enumerate(zip(cfg.sources, sizes)):
         seed, args = cfg.seed + k * SOURCE_SEED_STRIDE, cfg.generator_args.get(name)
         seen: set[str] = set()
@@ -62,7 +66,12 @@ def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
             if row["prompt"] not in seen:
                 seen.add(row["prompt"])
                 evaluation.append(row)
-    return train, evaluation
+        if name in cfg.target_sources:
+            for row in _items(name, cfg.target_per_source, seed + TARGET_SEED_OFFSET, args):
+                if row["prompt"] not in seen:
+                    seen.add(row["prompt"])
+                    target.append(row)
+    return train, evaluation, target
 
 
 def pretraining_rows(sources: list[str], per_source: int, seed: int,
@@ -116,29 +125,34 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def build(cfg: DemoConfig, root: str) -> dict[str, str]:
     """Write ``train.jsonl``, ``train_chat.jsonl`` (the same rows as one-turn conversations), ``eval.jsonl``,
     ``eval_gsm8k.jsonl`` (the ``gsm_symbolic`` held-out rows in GSM8K's own schema: ``question``,
-    ``answer`` ending in ``#### N``) and ``tokenizer/`` under ``root`` (reused when present).
+    ``answer`` ending in ``#### N``), ``target.jsonl`` and ``target_chat.jsonl`` (examples of
+    ``target_sources`` for ``--target``) and ``tokenizer/`` under ``root`` (reused when present).
 
     Returns their paths. A folder built from another config is rebuilt.
     """
     base = Path(root)
     paths = {"train": str(base / "train.jsonl"), "train_chat": str(base / "train_chat.jsonl"),
              "eval": str(base / "eval.jsonl"), "eval_gsm8k": str(base / "eval_gsm8k.jsonl"),
+             "target": str(base / "target.jsonl"), "target_chat": str(base / "target_chat.jsonl"),
              "tokenizer": str(base / "tokenizer")}
     stamp = base / "demo.json"
     fp = fingerprint(cfg)
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
         return paths
     base.mkdir(parents=True, exist_ok=True)
-    train, evaluation = generate(cfg)
+    train, evaluation, target = generate(cfg)
     _write_jsonl(base / "train.jsonl", train)
     _write_jsonl(base / "eval.jsonl", evaluation)
-    _write_jsonl(base / "train_chat.jsonl", [{"source": r["source"], "messages": [
-        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]} for r in train])
+    _write_jsonl(base / "target.jsonl", target)
+    for name, rows in (("train_chat.jsonl", train), ("target_chat.jsonl", target)):
+        _write_jsonl(base / name, [{"source": r["source"], "messages": [
+            {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]} for r in rows])
     _write_jsonl(base / "eval_gsm8k.jsonl", [{"question": r["prompt"], "answer": r["response"]}
                                              for r in evaluation if r["source"] == "gsm_symbolic"])
     train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train], cfg.vocab_size, paths["tokenizer"],
                     cfg.split_digits)
-    stamp.write_text(json.dumps({"fingerprint": fp, "train": len(train), "eval": len(evaluation)}))
+    stamp.write_text(json.dumps({"fingerprint": fp, "train": len(train), "eval": len(evaluation),
+                                 "target": len(target)}))
     return paths
 
 

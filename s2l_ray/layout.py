@@ -9,7 +9,12 @@ pyarrow filesystem URI (``s3://bucket/run``)::
       proxy/                        Ray Train storage: proxy checkpoints
       trajectories/checkpoint=<t>/  TRAJECTORY_SCHEMA, one folder per trajectory point
       trajectories/_done.json       finished trajectory points and their files
+      embeddings/part-<n>.parquet   embedding_schema(): the final checkpoint's mean-pooled hidden states
+                                    (written only for a method that needs them: embedding-target)
+      target/                       the target examples (select.target), a run directory of its own:
+                                    manifest.json, corpus/, trajectories/, embeddings/ as above
       clusters.parquet              CLUSTERS_SCHEMA
+      centroids.parquet             CENTROIDS_SCHEMA: the k-means centroids (to place target examples)
       selection.parquet             SELECTION_SCHEMA (selection-<budget>.parquet when several)
       selected.jsonl                the selected corpus rows, ready for fine-tuning
       report.png                    cluster-mean trajectories and cluster sizes
@@ -56,6 +61,11 @@ CLUSTERS_SCHEMA = pa.schema([
     ("cluster", pa.int32()),
     ("distance", pa.float32()),
 ])
+CENTROIDS_SCHEMA = pa.schema([
+    ("cluster", pa.int32()),
+    ("source", pa.string()),  # the source whose k-means it belongs to; null for one k-means over all rows
+    ("centroid", pa.list_(pa.float32())),  # over the kept trajectory points
+])
 SELECTION_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("source", pa.string()),
@@ -63,6 +73,11 @@ SELECTION_SCHEMA = pa.schema([
     ("method", pa.string()),
     ("budget", pa.int64()),
 ])
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """``embeddings/part-<n>.parquet``: a row's mean-pooled last hidden state (``dim``: the model's hidden size)."""
+    return pa.schema([("idx", pa.int64()), ("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
 def stage_key(*parts: Any) -> str:
@@ -237,9 +252,22 @@ class RunDir:
     def trajectories_done(self) -> str:
         return self.path("trajectories", "_done.json")
 
+    def embedding_part(self, part: int) -> str:
+        """Corpus part ``part``'s embeddings (``embeddings`` stage)."""
+        return self.path("embeddings", f"part-{part:05d}.parquet")
+
+    @property
+    def target(self) -> RunDir:
+        """The target examples' own run directory (corpus, trajectories and embeddings stored alike)."""
+        return RunDir(self.uri_of("target"))
+
     @property
     def clusters(self) -> str:
         return self.path("clusters.parquet")
+
+    @property
+    def centroids(self) -> str:
+        return self.path("centroids.parquet")
 
     def selection(self, budget: int | None = None) -> str:
         return self.path("selection.parquet" if budget is None else f"selection-{budget}.parquet")

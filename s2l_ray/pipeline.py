@@ -1,6 +1,7 @@
 """Runs the selection stages in order, skipping what the run directory says is finished.
 
-corpus -> proxy (training + trajectories) -> clusters -> selection. Each stage records a key
+corpus (and the target examples, when given) -> proxy (training + trajectories of both) -> clusters
+(and embeddings, for a method that needs them) -> selection. Each stage records a key
 (a hash of the inputs and config it depends on) in the manifest; a finished stage with the
 same key is reused, and expensive work (corpus, trajectories) made from other inputs is
 refused rather than silently mixed with new work.
@@ -13,11 +14,12 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, methods
+from . import __version__
 from .config import ConfigError, S2LConfig, to_dict
-from .layout import LayoutError, RunDir, stage_key
+from .layout import LayoutError, RunDir, exists, stage_key
 from .nodes import check_visible
 from .progress import log
+from .selection import methods
 
 
 def versions() -> dict:
@@ -60,6 +62,8 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
         cfg = replace(cfg, corpus=replace(cfg.corpus, path=paths["train"]),
                       text=replace(cfg.text, tokenizer=cfg.text.tokenizer or paths["tokenizer"]))
     discover(cfg.corpus)
+    if cfg.select.target:
+        discover(target_config(cfg))
     tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model
     try:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
@@ -67,6 +71,8 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
             load_model(cfg.proxy.model)  # fail fast on a bad directory
     except ModelError:
         check_records(cfg.corpus)  # a bad corpus is the first thing to fix
+        if cfg.select.target:
+            check_records(target_config(cfg))
         raise
     if tok is None:
         tokenizer_dir = corpus_tokenizer(run, cfg)
@@ -75,6 +81,13 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     spec = {"dir": cfg.proxy.model} if cfg.proxy.model else {
         "config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.proxy.seed}
     return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo}
+
+
+def target_config(cfg: S2LConfig):
+    """The target examples' corpus settings: the corpus's column mapping, read from ``select.target``."""
+    from dataclasses import replace
+
+    return replace(cfg.corpus, path=cfg.select.target)
 
 
 def corpus_tokenizer(run: RunDir, cfg: S2LConfig) -> str:
@@ -134,6 +147,35 @@ def run_corpus(run: RunDir, cfg: S2LConfig) -> dict:
     return stats
 
 
+def run_target(run: RunDir, cfg: S2LConfig) -> dict | None:
+    """Store the target examples in ``<run>/target`` like the corpus; another target set replaces the folder
+    (its trajectories and embeddings with it), never touching the corpus's."""
+    from .corpus import drop_summary, input_fingerprint, store
+
+    target = run.target
+    if not cfg.select.target:
+        return None
+    tcfg = target_config(cfg)
+    key = stage_key(input_fingerprint(tcfg), to_dict(cfg.text))
+    if _stage(target, "corpus", key) is not None:
+        stats = target.read_manifest()["corpus"]
+        log(f"target: reusing {stats['rows']} stored target examples")
+        return stats
+    if exists(target.fs, target.root):
+        log(f"target: {cfg.select.target} replaces the target examples in {target.uri}")
+        target.fs.delete_dir(target.root)
+    started = time.time()
+    stats = store(target, tcfg, cfg.text, cfg.text.tokenizer, part_rows=cfg.corpus.part_rows,
+                  piece_bytes=int(cfg.corpus.piece_mb * 2**20))
+    target.update_manifest(corpus=stats, merge=False)
+    _finish(target, "corpus", key, started)
+    log(f"target: {stats['rows']} examples from {cfg.select.target}, sources {stats['sources']} "
+        f"({time.time() - started:.1f}s)")
+    if dropped := drop_summary(stats):
+        log(f"target: dropped {sum(stats['dropped'].values())} rows: {dropped}")
+    return stats
+
+
 def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     from . import proxy
 
@@ -149,10 +191,15 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
         f"{cfg.proxy.num_workers} workers")
     started = time.time()
-    stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"])
-    if not stats["trained"] and not stats.get("scored"):  # all reused: the record of how they were made stays
+    target = run.target if cfg.select.target else None
+    stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], target=target)
+    if len(stats["reused_points"]) == cfg.proxy.num_points:  # the corpus's points reused: their record stays
         log(f"proxy: reusing the {len(stats['reused_points'])} finished trajectory points in "
             f"{run.uri_of('trajectories')}")
+        if stats.get("scored"):
+            target.update_manifest(scoring=stats["scored"], merge=False)
+            log(f"target: scored at {len(stats['scored'])} trajectory points from the saved checkpoints "
+                f"({time.time() - started:.1f}s)")
         return stats
     run.update_manifest(proxy=stats, merge=False)  # this run's statistics only, none left from an earlier one
     _finish(run, "proxy", key, started)
@@ -164,7 +211,8 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
 def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
     from .clustering import cluster_run
 
-    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], to_dict(cfg.cluster), cfg.seed)
+    ccfg = {k: v for k, v in to_dict(cfg.cluster).items() if k != "source_split"}  # the split is the selection's
+    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], ccfg, cfg.seed, "centroids")
     if _stage(run, "clusters", key) is not None:
         log(f"clusters: reusing {run.uri_of('clusters.parquet')}")
         return run.read_manifest()["clusters"]
@@ -178,13 +226,40 @@ def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
     return stats
 
 
+def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
+    """The final proxy checkpoint's mean-pooled hidden states of the corpus and the target examples (each
+    computed once per proxy run and target set)."""
+    from ray.train import Checkpoint
+
+    from .embeddings import embed
+    from .models import resolve_gpu
+
+    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], "embeddings")
+    target = run.target
+    runs = [r for r in (run, target) if _stage(r, "embeddings", key) is None]
+    if not runs:
+        log("embeddings: reusing the corpus's and the target examples'")
+        return
+    last = run.proxy_checkpoints().get(cfg.proxy.num_points - 1)
+    if last is None:
+        raise LayoutError(f"{run.checkpoints_index} lists no final proxy checkpoint to embed the rows with")
+    started = time.time()
+    done = embed(runs, Checkpoint(last["path"], run.fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu),
+                 cfg.proxy.precision)
+    for r in runs:
+        _finish(r, "embeddings", key, started, rows=done[r.uri]["rows"],
+                compute_seconds=done[r.uri]["compute_seconds"])
+    rows = ", ".join(f"{v['rows']} rows of {u}" for u, v in done.items())
+    log(f"embeddings: {rows} ({time.time() - started:.1f}s)")
+
+
 def run_select(run: RunDir, cfg: S2LConfig) -> dict:
-    from .sampling import select_run
+    from .selection.stage import select_run
 
     started = time.time()
     stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
     run.update_manifest(selection=stats, merge=False)
-    _finish(run, "selection", stage_key(to_dict(cfg.select), cfg.seed), started)
+    _finish(run, "selection", stage_key(to_dict(cfg.select), cfg.cluster.source_split, cfg.seed), started)
     log(f"selection: {cfg.select.method}, budgets {', '.join(stats['budgets'])} ({time.time() - started:.1f}s)")
     return stats
 
@@ -213,17 +288,37 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg: S2LConfig) -> str:
-    """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
-    from .clustering import BACKENDS
-    from .config import parse_resources
-    from .models import resolve_bf16
-    from .sampling import SelectionError
+def check_method(cfg: S2LConfig) -> methods.Method:
+    """The selection method and the settings it reads, checked before any data is read or Ray started."""
+    from .embeddings import RANKS
+    from .selection.allocation import SPLITS
 
     try:
         method = methods.get(cfg.select.method)
     except ValueError as e:
         raise ConfigError(f"select.method: {e}") from None
+    split = method.split if cfg.cluster.source_split == "auto" else cfg.cluster.source_split
+    if cfg.cluster.source_split not in ("auto", *SPLITS):
+        raise ConfigError(f"cluster.source_split must be auto or one of {list(SPLITS)}, not {cfg.cluster.source_split!r}")
+    splits = method.sources or (method.clusters and cfg.cluster.per_source)
+    if not cfg.select.target and (method.target or (splits and split == "target")):
+        raise ConfigError(f"select.method {method.name!r}{' with source split target' if not method.target else ''} "
+                          "needs target examples: give --target (select.target), a few hundred rows of your task")
+    if not 0 <= cfg.select.target_smoothing <= 1:
+        raise ConfigError(f"select.target_smoothing must be in [0, 1], got {cfg.select.target_smoothing}")
+    if cfg.select.embedding_rank not in RANKS:
+        raise ConfigError(f"select.embedding_rank must be one of {list(RANKS)}, not {cfg.select.embedding_rank!r}")
+    return method
+
+
+def dry_run(cfg: S2LConfig) -> str:
+    """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
+    from .clustering import BACKENDS
+    from .config import parse_resources
+    from .models import resolve_bf16
+    from .selection.allocation import SelectionError
+
+    method = check_method(cfg)
     for b in cfg.select.budgets:
         if not b > 0 or (b >= 1 and not float(b).is_integer()):
             raise SelectionError(f"select.budgets: {b} is neither a whole count >= 1 nor a fraction in (0, 1)")
@@ -249,27 +344,29 @@ def dry_run(cfg: S2LConfig) -> str:
         f"scoring:  {cfg.scoring.num_actors} actors x {actor}, {cfg.scoring.max_tokens} tokens a pass",
         f"clusters: k={cfg.cluster.k}{' per source' if cfg.cluster.per_source else ''}, backend "
         f"{cfg.cluster.backend}" + ("" if method.clusters else " (not used by this method)"),
-        f"select:   {cfg.select.method}, budgets {cfg.select.budgets}, seed {cfg.seed}"])
+        f"select:   {cfg.select.method}, budgets {cfg.select.budgets}, seed {cfg.seed}"
+        + (f", target examples {cfg.select.target}" if cfg.select.target else "")])
 
 
 def select(cfg: S2LConfig) -> dict:
     """The whole selection run; returns the manifest."""
     total = time.time()
-    try:
-        method = methods.get(cfg.select.method)
-    except ValueError as e:
-        raise ConfigError(f"select.method: {e}") from None
+    method = check_method(cfg)
     run = RunDir(cfg.output)
     cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
     ensure_ray()
-    check_visible({"corpus.path": cfg.corpus.path, "proxy.model": cfg.proxy.model, "text.tokenizer": cfg.text.tokenizer},
+    check_visible({"corpus.path": cfg.corpus.path, "select.target": cfg.select.target, "proxy.model": cfg.proxy.model,
+                   "text.tokenizer": cfg.text.tokenizer},
                   {"output": run.uri})
     run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])
     corpus = run_corpus(run, cfg)
+    run_target(run, cfg)
     run_proxy(run, cfg, inputs, corpus)
     if method.clusters:
         run_clusters(run, cfg)
+    if method.score and methods.SCORES[method.score] == "embeddings":
+        run_embeddings(run, cfg)
     run_select(run, cfg)
     manifest = run.update_manifest(total_seconds=round(time.time() - total, 2))
     log("done\n" + summary(run, cfg))

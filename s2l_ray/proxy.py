@@ -5,6 +5,8 @@ Training reports a checkpoint at T steps spread evenly over training. A Ray Trai
 which runs the Ray Data scoring job for it (``scoring.score_point``) one point after another
 while training goes on. A rerun into the same run directory scores the checkpoints that were
 persisted but not scored, and resumes training from the latest checkpoint if T was not reached.
+The target examples (``<run>/target``, when given) are scored at every point with the corpus, by
+the same actors; a new target set is scored from the saved checkpoints alone, training nothing.
 Workers read the stored corpus from the object store in a fresh seeded permutation each epoch
 (``batches``), so a resumed run sees exactly the rows the uninterrupted one would have.
 """
@@ -150,11 +152,12 @@ def train_loop(config: dict) -> None:
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class ScoringCoordinator:
-    """Receives persisted checkpoints and scores them one after another in a background thread."""
+    """Receives persisted checkpoints and scores them one after another in a background thread: each point for
+    every run directory given (the corpus, and the target examples) that has not done it yet."""
 
-    def __init__(self, run_uri: str, cfg: ScoringConfig, use_gpu: bool, precision: str, n_rows: int):
-        self.run = RunDir(run_uri)
-        self.args = (cfg, use_gpu, precision, n_rows)
+    def __init__(self, runs: list[str], cfg: ScoringConfig, use_gpu: bool, precision: str):
+        self.runs = [RunDir(u) for u in runs]
+        self.args = (cfg, use_gpu, precision)
         self.queue: queue.Queue = queue.Queue()
         self.results: list[dict] = []
         self.errors: list[str] = []
@@ -168,8 +171,8 @@ class ScoringCoordinator:
         checkpoint it resumed from after an interruption or a worker failure); ``compute`` the
         seconds each worker spent in training steps since then.
         """
-        self.run.mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step,
-                                     "compute_seconds": compute})
+        self.runs[0].mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step,
+                                         "compute_seconds": compute})
         self.score(t, step, checkpoint)
 
     def score(self, t: int, step: int, checkpoint: Checkpoint) -> None:
@@ -180,11 +183,11 @@ class ScoringCoordinator:
         task = ray.remote(num_cpus=0, max_retries=2)(score_point)
         while (item := self.queue.get()) is not None:
             t, step, ckpt = item
-            cfg, use_gpu, precision, n_rows = self.args
+            todo = [r.uri for r in self.runs if t not in r.done_points()]
             try:
-                rec = ray.get(task.remote(self.run.uri, t, step, ckpt, cfg, use_gpu, precision, n_rows))
+                rec = ray.get(task.remote(todo, t, step, ckpt, *self.args))
                 print(f"[scoring] point {t}: {rec['rows']} rows scored in {rec['seconds']:.1f}s", flush=True)
-                self.results.append(rec)
+                self.results.append({**rec, "runs": todo})
             except Exception as e:  # reported by finish(); later points still run
                 self.errors.append(f"trajectory point {t}: {e}")
 
@@ -222,23 +225,32 @@ def _trajectory_callback(coordinator):
 
 
 def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dict, n_rows: int, pad_id: int,
-        max_failures: int = 3) -> dict:
-    """Train the proxy and score every trajectory point not yet done; returns stage statistics."""
+        max_failures: int = 3, target: RunDir | None = None) -> dict:
+    """Train the proxy and score every trajectory point not yet done, for the corpus and for the stored ``target``
+    examples when given (from the saved checkpoints, training nothing, where only they lack a point); returns
+    stage statistics: ``reused_points`` are the corpus's."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     plan = make_plan(n_rows, proxy)
     run.remove_temporaries()  # an interrupted run's half-written files: never read, removed before new work
+    runs = [run] + ([target] if target is not None else [])
     done = run.done_points()
     ckpts = run.proxy_checkpoints()
-    todo = [t for t in range(proxy.num_points) if t not in done]
+    todo = [t for t in range(proxy.num_points) if any(t not in r.done_points() for r in runs)]
     stats = {"plan": asdict(plan), "reused_points": sorted(done), "trained": False}
     if not todo:
         return stats
+    if target is not None and set(done) >= set(range(proxy.num_points)):
+        missing = [t for t in todo if t not in ckpts]
+        if missing:
+            raise ProxyError(f"the target examples need trajectory points {missing}, whose proxy checkpoints are not "
+                             f"in {run.checkpoints_index} (removed?): only a new proxy run (a new --output) can "
+                             "score them")
     use_gpu = resolve_gpu(proxy.use_gpu)
     stats["use_gpu"] = use_gpu
-    coordinator = ScoringCoordinator.remote(run.uri, scoring, use_gpu, proxy.precision, n_rows)
-    for t in todo:  # persisted before an interruption, never scored
+    coordinator = ScoringCoordinator.remote([r.uri for r in runs], scoring, use_gpu, proxy.precision)
+    for t in todo:  # persisted before an interruption (or before this target was given), never scored
         if t in ckpts:
             ray.get(coordinator.score.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
     last = max(ckpts) if ckpts else None

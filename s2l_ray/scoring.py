@@ -1,9 +1,11 @@
-"""Exact per-example loss, batched: the core function and the Ray Data job run per checkpoint.
+"""Exact per-example loss and embeddings, batched: the core functions and the Ray Data job run per checkpoint.
 
 An example's loss is the mean token cross-entropy over its response tokens, as if it were
 scored alone: sequences are right-padded (a causal model's real tokens never attend to the
 padding after them), labels on padding and prompt are ignored, and the reduction is per row.
-Rows are grouped by length so that a forward pass wastes little on padding.
+Rows are grouped by length so that a forward pass wastes little on padding. An example's
+embedding (for ``embedding-target``) is the mean over its tokens of the last layer's hidden states.
+One actor pool scores the corpus and the target examples of a run together (``score_parts``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ScoringConfig, parse_resources
-from .layout import TRAJECTORY_SCHEMA, RunDir, exists, remove_temporaries, write_parquet_atomic
+from .layout import TRAJECTORY_SCHEMA, RunDir, embedding_schema, exists, remove_temporaries, write_parquet_atomic
 from .text import IGNORE_INDEX, collate, labels_from, length_buckets
 
 
@@ -100,77 +102,131 @@ def model_weights(checkpoint: Any):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class LossScorer:
-    """Ray Data actor: loads one checkpoint's model once; scores whole corpus parts.
+@torch.inference_mode()
+def example_embeddings(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-row mean over its real tokens of the last layer's hidden states (after the final norm, as the LM
+    head sees them), float32 ``[rows, hidden]``. Rows must be right-padded: real tokens never attend to
+    the padding after them."""
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state.float()
+    mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]).float()
+    return (hidden * mask[:, :, None]).sum(1) / lengths[:, None].float()
 
-    Each call gets corpus part numbers, scores each part in length-bucketed batches and writes
-    ``trajectories/checkpoint=t/part-<n>.parquet`` atomically, so a retried call (after an
-    actor died) rewrites the same file and no row is lost or duplicated.
+
+def embed_rows(model: torch.nn.Module, input_ids: list, pad_id: int, max_tokens: int, device: torch.device,
+               autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Mean-pooled last hidden states of rows (``text.encode`` ids) in length buckets, in input order."""
+    out = None
+    for bucket in length_buckets([len(x) for x in input_ids], max_tokens):
+        rows = [input_ids[i] for i in bucket]
+        b = collate(rows, rows, pad_id)
+        lengths = b["attention_mask"].sum(1)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            e = example_embeddings(model, b["input_ids"].to(device), lengths.to(device)).cpu().numpy()
+        if out is None:
+            out = np.empty((len(input_ids), e.shape[1]), np.float32)
+        out[bucket] = e
+    return np.empty((0, 0), np.float32) if out is None else out
+
+
+class PartScorer:
+    """Ray Data actor: loads one checkpoint's model once; scores whole stored parts.
+
+    Each call gets ``(run, part)`` pairs: the stored parts of one or more run directories (the corpus
+    and the target examples, stored alike). ``kind`` ``loss`` writes trajectory point t's losses
+    (``trajectories/checkpoint=t/part-<n>.parquet``); ``embedding`` the mean-pooled hidden states
+    (``embeddings/part-<n>.parquet``). Files are written atomically under fixed names, so a retried
+    call (after an actor died) rewrites the same file and no row is lost or duplicated. The stage
+    decides the device and precision; the actor obeys.
     """
 
-    def __init__(self, run_uri: str, checkpoint: Any, t: int, step: int, max_tokens: int, precision: str):
+    def __init__(self, checkpoint: Any, kind: str, t: int, step: int, max_tokens: int, use_gpu: bool,
+                 precision: str):
         from .models import load_model, resolve_bf16
 
-        use_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.autocast = torch.bfloat16 if resolve_bf16(precision, use_gpu) else None
         with model_weights(checkpoint) as d:
             self.model = load_model(d).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
-        self.run, self.t, self.step, self.max_tokens = RunDir(run_uri), t, step, max_tokens
+        self.kind, self.t, self.step, self.max_tokens = kind, t, step, max_tokens
+
+    def _table(self, src: pa.Table) -> pa.Table:
+        ids = src.column("input_ids").to_pylist()
+        n = src.num_rows
+        if self.kind == "embedding":
+            e = embed_rows(self.model, ids, self.pad_id, self.max_tokens, self.device, self.autocast)
+            return pa.table({"idx": src.column("idx"), "id": src.column("id"),
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.ravel()), e.shape[1])},
+                            schema=embedding_schema(e.shape[1]))
+        out = score_rows(self.model, ids, src.column("spans").to_pylist(), self.pad_id, self.max_tokens,
+                         self.device, self.autocast)
+        return pa.table({
+            "idx": src.column("idx"), "id": src.column("id"), "checkpoint": pa.array(np.full(n, self.t, np.int32)),
+            "step": pa.array(np.full(n, self.step, np.int64)),
+            "loss": out["loss"], "confidence": out["confidence"], "n_tokens": out["n_tokens"]},
+            schema=TRAJECTORY_SCHEMA)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, seconds = [], []
-        for part in batch["part"]:
-            src = pq.read_table(self.run.corpus_part(int(part)), filesystem=self.run.fs,
+        for uri, part in zip(batch["run"], batch["part"]):
+            run = RunDir(str(uri))
+            src = pq.read_table(run.corpus_part(int(part)), filesystem=run.fs,
                                 columns=["idx", "id", "input_ids", "spans"], partitioning=None)
             tick = time.perf_counter()
-            out = score_rows(self.model, src.column("input_ids").to_pylist(), src.column("spans").to_pylist(),
-                             self.pad_id, self.max_tokens, self.device, self.autocast)
+            table = self._table(src)
             seconds.append(time.perf_counter() - tick)
-            n = src.num_rows
-            table = pa.table({
-                "idx": src.column("idx"), "id": src.column("id"),
-                "checkpoint": pa.array(np.full(n, self.t, np.int32)),
-                "step": pa.array(np.full(n, self.step, np.int64)),
-                "loss": out["loss"], "confidence": out["confidence"], "n_tokens": out["n_tokens"],
-            }, schema=TRAJECTORY_SCHEMA)
-            write_parquet_atomic(self.run.fs, self.run.trajectory_part(self.t, int(part)), table)
-            rows.append(n)
-        return {"part": batch["part"], "rows": np.asarray(rows, np.int64), "seconds": np.asarray(seconds)}
+            dest = run.embedding_part(int(part)) if self.kind == "embedding" else run.trajectory_part(self.t, int(part))
+            write_parquet_atomic(run.fs, dest, table)
+            rows.append(src.num_rows)
+        return {"run": batch["run"], "part": batch["part"], "rows": np.asarray(rows, np.int64),
+                "seconds": np.asarray(seconds)}
 
 
-def score_point(run_uri: str, t: int, step: int, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
-                precision: str, expected_rows: int) -> dict:
-    """Score the whole stored corpus with one checkpoint into ``trajectories/checkpoint=t/``.
-
-    A Ray Data actor pool maps over the corpus parts; anything an interrupted attempt left in
-    that folder is removed first, and the point is recorded as done only once every part is.
-    """
+def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool, precision: str,
+                t: int = 0, step: int = 0) -> dict[str, dict]:
+    """Score every stored part of ``runs`` with one checkpoint in one Ray Data actor pool; per run URI, the
+    files written, rows and compute seconds. Each run's output folder is cleared first, so nothing an
+    interrupted attempt left there is mixed in, and checked whole at the end (every part, every row)."""
     import ray.data
 
-    run = RunDir(run_uri)
-    start = time.time()
-    out_dir = run.trajectory_dir(t)
-    if exists(run.fs, out_dir):
-        run.fs.delete_dir(out_dir)
-    parts = list(range(len(run.corpus_files())))
-    done = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts)).map_batches(
-        LossScorer, fn_constructor_args=(run.uri, checkpoint, t, step, cfg.max_tokens, precision), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(parts))),
+    folders = {r.uri: r.trajectory_dir(t) if kind == "loss" else r.path("embeddings") for r in runs}
+    for r in runs:
+        if exists(r.fs, folders[r.uri]):
+            r.fs.delete_dir(folders[r.uri])
+    items = [{"run": r.uri, "part": p[0]} for r in runs for p in r.corpus_parts()]
+    done = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        PartScorer, fn_constructor_args=(checkpoint, kind, t, step, cfg.max_tokens, use_gpu, precision), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(items))),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
         resources=parse_resources(cfg.resources, "scoring.resources") or None).take_all()
-    rows = sum(int(d["rows"]) for d in done)
-    remove_temporaries(run.fs, out_dir)  # left by an actor killed while writing a part; the retry rewrote it
-    if sorted(int(d["part"]) for d in done) != parts or rows != expected_rows:
-        raise RuntimeError(f"trajectory point {t}: scored {rows} rows in parts {sorted(d['part'] for d in done)}, "
-                           f"expected {expected_rows} rows in {len(parts)} parts")
-    record = {"step": step, "files": [run.trajectory_part(t, p) for p in parts], "rows": rows,
-              "seconds": round(time.time() - start, 3),
-              "compute_seconds": round(float(sum(d["seconds"] for d in done)), 3),
-              "corpus_fingerprint": run.read_manifest()["corpus"]["fingerprint"]}
-    run.mark_point_done(t, record)
-    return {"t": t, **record}
+    out = {}
+    for r in runs:
+        mine = [d for d in done if d["run"] == r.uri]
+        remove_temporaries(r.fs, folders[r.uri])  # left by an actor killed while writing; the retry rewrote it
+        parts = [p[0] for p in r.corpus_parts()]
+        rows, expected = sum(int(d["rows"]) for d in mine), r.read_manifest()["corpus"]["rows"]
+        if sorted(int(d["part"]) for d in mine) != parts or rows != expected:
+            raise RuntimeError(f"{kind} of {r.uri} at point {t}: {rows} rows in parts "
+                               f"{sorted(int(d['part']) for d in mine)}, expected {expected} rows in {len(parts)} parts")
+        files = [r.trajectory_part(t, p) if kind == "loss" else r.embedding_part(p) for p in parts]
+        out[r.uri] = {"files": files, "rows": rows, "compute_seconds": round(float(sum(d["seconds"] for d in mine)), 3)}
+    return out
+
+
+def score_point(runs: list[str], t: int, step: int, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
+                precision: str) -> dict:
+    """Score the stored rows of ``runs`` (the corpus, and the target examples when given) with one checkpoint
+    into each run's ``trajectories/checkpoint=t/``; each run records the point as done once all its parts are."""
+    start = time.time()
+    dirs = [RunDir(u) for u in runs]
+    scored = score_parts(dirs, "loss", checkpoint, cfg, use_gpu, precision, t, step)
+    seconds = round(time.time() - start, 3)
+    for r in dirs:
+        rec = scored[r.uri]
+        r.mark_point_done(t, {"step": step, **rec, "seconds": seconds,
+                              "corpus_fingerprint": r.read_manifest()["corpus"]["fingerprint"]})
+    return {"t": t, "step": step, "seconds": seconds, "rows": sum(v["rows"] for v in scored.values()),
+            "compute_seconds": round(sum(v["compute_seconds"] for v in scored.values()), 3)}
 
 
 def reference_losses(model: torch.nn.Module, tokenizer: Any, rows: list[dict], text: Any) -> np.ndarray:

@@ -244,6 +244,11 @@ def gather(plan: Plan, positions: np.ndarray, *, num_cpus: float = 1.0) -> np.nd
     return rows[np.searchsorted(want, positions)]
 
 
+def read_all(run: RunDir, plan: Plan) -> np.ndarray:
+    """The whole trajectory table ``[N, T']`` read here, part by part (for small runs: the target examples)."""
+    return np.concatenate([read_part(run, plan, j)[0]["loss"] for j in range(len(plan.parts))])
+
+
 # per-example scores for the baseline methods --------------------------------------------------------
 
 FEATURES: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {

@@ -3,7 +3,7 @@
 No mocks. One selection run (``jobs/select.py`` in a subprocess, with a local Ray of its own that
 dies with it) takes three faults in turn; the PIDs come from the driver's process tree, where Ray
 names each worker process after its actor and running method (``ray::RayTrainWorker...``,
-``ray::MapWorker(MapBatches(LossScorer)).submit``), and /proc must show that name right before
+``ray::MapWorker(MapBatches(PartScorer)).submit``), and /proc must show that name right before
 the kill:
 
 1. a Ray Train worker of the proxy TorchTrainer, mid-epoch: once trajectory point 0 (step 4 of
@@ -42,7 +42,7 @@ from s2l_ray.layout import TRAJECTORY_SCHEMA, RunDir, _temporary
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_WORKER = "ray::RayTrainWorker"
-SCORER = "ray::MapWorker(MapBatches(LossScorer))"
+SCORER = "ray::MapWorker(MapBatches(PartScorer))"
 T = 4  # points at steps 4, 8, 12 and 16 of 2 epochs of 8 steps
 COPIES = 4  # the corpus: the 60 demo rows 4 times under distinct ids (240 rows, so a part takes a while to score)
 

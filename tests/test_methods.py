@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s2l_ray import methods
-from s2l_ray import sampling as sp
+from s2l_ray.selection import methods
+from s2l_ray.selection import stage as sp
 from s2l_ray.config import ClusterConfig, SelectConfig
 from s2l_ray.layout import TRAJECTORY_SCHEMA, RunDir, write_parquet_atomic
 

@@ -1,4 +1,4 @@
-"""sampling: Algorithm 1 counts, source stratification, budgets, and the run-level stage."""
+"""selection.stage: the run-level stage on hand-built run directories (clusters, sources, budgets, files)."""
 from __future__ import annotations
 
 import json
@@ -8,85 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s2l_ray import sampling as sp
+from s2l_ray.selection import allocation as al
+from s2l_ray.selection import stage as sp
 from s2l_ray import trajectories as tr
 from s2l_ray.clustering import cluster_run
 from s2l_ray.config import ClusterConfig, SelectConfig
 from s2l_ray.layout import CLUSTERS_SCHEMA, SELECTION_SCHEMA, RunDir, write_parquet_atomic
-
-
-@pytest.mark.parametrize("sizes, budget, expected", [
-    ([1, 2, 50, 100], 40, [1, 2, 18, 19]),  # floor(37/2) = 18, then the remaining 19
-    ([100, 1, 50, 2], 40, [19, 1, 18, 2]),  # the walk is by size, counts stay with their cluster
-    ([5, 5, 5], 7, [2, 2, 3]),  # ties walked by cluster id: floor(7/3), floor(5/2), 3
-    ([10, 10, 10, 10], 10, [2, 2, 3, 3]),
-    ([3, 100, 100], 12, [3, 4, 5]),  # small cluster whole, its unused share rolls over
-    ([0, 4, 9], 6, [0, 3, 3]),  # an empty cluster gives nothing and changes no share
-    ([1, 2, 3], 6, [1, 2, 3]),  # budget = N takes everything
-    ([7, 8], 0, [0, 0]),
-])
-def test_allocate_hand_worked(sizes, budget, expected):
-    assert sp.allocate(sizes, budget).tolist() == expected
-
-
-def test_allocate_fills_exactly_and_fairly_for_random_sizes():
-    rng = np.random.default_rng(0)
-    for _ in range(2000):
-        k = int(rng.integers(1, 40))
-        sizes = rng.integers(0, rng.choice([3, 30, 3000]), k)
-        if sizes.sum() == 0:
-            continue
-        budget = int(rng.integers(0, sizes.sum() + 1))
-        counts = sp.allocate(sizes, budget)
-        assert counts.sum() == budget
-        assert ((0 <= counts) & (counts <= sizes)).all()
-        partial = counts < sizes  # clusters not taken whole share evenly (within one) ...
-        if partial.any():
-            assert counts[partial].max() - counts[partial].min() <= 1
-            # ... and no cluster taken whole is larger than any other's share plus one
-            assert (sizes[~partial] <= counts[partial].min() + 1).all()
-
-
-def test_allocate_rejects_budget_above_available():
-    with pytest.raises(sp.SelectionError, match="outside 0..6"):
-        sp.allocate([1, 2, 3], 7)
-
-
-def test_sample_clusters_counts_uniqueness_and_seed():
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 12, 5000) ** 2 % 37  # uneven clusters, sparse ids
-    pos = sp.sample_clusters(labels, 700, np.random.default_rng(5))
-    assert len(pos) == 700 and len(np.unique(pos)) == 700 and (np.diff(pos) > 0).all()
-    assert np.bincount(labels[pos], minlength=37).tolist() == sp.allocate(np.bincount(labels, minlength=37), 700).tolist()
-    assert np.array_equal(pos, sp.sample_clusters(labels, 700, np.random.default_rng(5)))
-    assert not np.array_equal(pos, sp.sample_clusters(labels, 700, np.random.default_rng(6)))
-
-
-def test_per_source_stratification_hand_worked():
-    # source 0: 10 rows (clusters 0, 1 of 5); source 1: 40 rows (clusters 2: 10, 3: 30); source 2: 100 rows (4)
-    labels = np.concatenate([np.repeat([0, 1], 5), np.repeat([2, 3], [10, 30]), np.full(100, 4)])
-    sources = np.repeat([0, 1, 2], [10, 40, 100])
-    pos = sp.s2l_select(labels, 60, np.random.default_rng(0), sources)
-    # sources by size 10, 40, 100: min(10, 60//3) = 10, min(40, 50//2) = 25, then 25
-    assert np.bincount(sources[pos]).tolist() == [10, 25, 25]
-    # within source 1 (clusters of 10 and 30), 25: min(10, 25//2) = 10, then 15
-    assert np.bincount(labels[pos], minlength=5).tolist() == [5, 5, 10, 15, 25]
-    assert len(np.unique(pos)) == 60
-
-
-@pytest.mark.parametrize("budget, n, expected", [(0.1, 1000, 100), (40, 1000, 40), (1000, 1000, 1000),
-                                                 (0.25, 10, 2), (0.29, 100, 29), (1, 5, 1)])
-def test_resolve_budget(budget, n, expected):
-    assert sp.resolve_budget(budget, n) == expected
-
-
-@pytest.mark.parametrize("budget, message", [(0, "count >= 1 or a fraction"), (-3, "count >= 1 or a fraction"),
-                                             (float("nan"), "count >= 1 or a fraction"),
-                                             (1001, "larger than the corpus"), (2.5, "whole count"),
-                                             (0.0001, "selects none")])
-def test_resolve_budget_errors(budget, message):
-    with pytest.raises(sp.SelectionError, match=message):
-        sp.resolve_budget(budget, 1000)
 
 
 def test_jsonl_matches_json_dumps_per_row():
@@ -149,7 +76,7 @@ def test_select_run_writes_selection_and_rows(tmp_path):
     assert stats["budgets"]["60"]["selected"] == 60 and stats["rows"] == N
     counts = np.bincount(sel.column("cluster").to_numpy(), minlength=9)
     sizes = np.bincount(clusters["cluster"].to_numpy(), minlength=9)
-    assert counts.tolist() == sp.allocate(sizes, 60).tolist()
+    assert counts.tolist() == al.allocate(sizes, 60).tolist()
 
 
 def test_select_run_is_deterministic_by_seed(tmp_path):
@@ -178,14 +105,14 @@ def test_select_run_per_source_and_several_budgets(tmp_path):
 
 def test_select_run_refuses_stale_clusters_and_bad_settings(tmp_path):
     run = make_clustered_run(tmp_path, fingerprint="another")
-    with pytest.raises(sp.SelectionError, match="computed for another corpus"):
+    with pytest.raises(al.SelectionError, match="computed for another corpus"):
         sp.select_run(run, SelectConfig(budgets=[10]), ClusterConfig(), seed=0)
     run = make_clustered_run(tmp_path / "b")
-    with pytest.raises(sp.SelectionError, match="resolve to repeated counts"):
+    with pytest.raises(al.SelectionError, match="resolve to repeated counts"):
         sp.select_run(run, SelectConfig(budgets=[0.1, 60]), ClusterConfig(), seed=0)
-    with pytest.raises(sp.SelectionError, match="larger than the corpus"):
+    with pytest.raises(al.SelectionError, match="larger than the corpus"):
         sp.select_run(run, SelectConfig(budgets=[601]), ClusterConfig(), seed=0)
-    with pytest.raises(sp.SelectionError, match="unknown selection method 'kcenter'"):
+    with pytest.raises(al.SelectionError, match="unknown selection method 'kcenter'"):
         sp.select_run(run, SelectConfig(method="kcenter"), ClusterConfig(), seed=0)
 
 

@@ -1,19 +1,10 @@
-"""Algorithm 1 of S2L and source stratification; runs a selection method and writes its rows.
+"""The selection stage: runs a method over a selection run's outputs and writes its subsets.
 
-Algorithm 1 (``allocate``): walk the clusters by ascending size (ties by cluster id); cluster k
-(0-based, of K) gives ``min(|C_k|, floor((B - selected) / (K - k)))`` examples, drawn uniformly
-at random. The budget always fills exactly when B <= N, with no special case for the remainder
-that floor leaves: before cluster k, ``left <= rows left`` holds. A cluster taken whole keeps
-it; a cluster that gives ``q = floor(left / (K - k)) < |C_k|`` leaves
-``left - q <= (K - k - 1)(q + 1)``, and every later cluster has at least ``q + 1`` rows since
-they are sorted. The last cluster's share is then ``floor(left / 1) = left <= |C_{K-1}|``, so it
-takes exactly what is left: floor remainders roll over to the larger clusters. E.g. sizes
-1, 2, 50, 100 and B = 40 give 1, 2, floor(37/2) = 18 and 19.
-
-This follows the paper, not the official code's first pass that skips clusters of size <= 2.
-Empty clusters give nothing and change no other share. With per-source stratification the
-budget is first split over sources by the same rule (smallest source first, ties by name),
-then Algorithm 1 runs within each source's clusters.
+It loads what the method needs (clusters, sources, per-example scores, the target examples'
+places among the clusters and their source mix), resolves the source split
+(``cluster.source_split``; ``auto``: the method's own), lets the method pick every budget, checks
+the method's contract (that many distinct rows, in corpus order), and writes per budget the
+selection Parquet and the selected rows as JSONL, in one pass over the corpus.
 """
 from __future__ import annotations
 
@@ -22,88 +13,19 @@ import json
 import posixpath
 import re
 import time
-from collections.abc import Sequence
 from json.encoder import encode_basestring
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import methods, trajectories
-from .clustering import codes_of, corpus_sources
-from .config import ClusterConfig, SelectConfig
-from .layout import (
-    SELECTION_SCHEMA,
-    RunDir,
-    exists,
-    open_output_atomic,
-    write_parquet_atomic,
-)
+from .. import trajectories
+from ..clustering import codes_of, corpus_sources, nearest, read_centroids
+from ..config import ClusterConfig, SelectConfig
+from ..layout import SELECTION_SCHEMA, RunDir, exists, open_output_atomic, write_parquet_atomic
+from . import methods
+from .allocation import SPLITS, SelectionError, resolve_budget, source_weights
 
-
-class SelectionError(ValueError):
-    """A budget or the clusters do not allow a selection."""
-
-
-# the pure core ------------------------------------------------------------------------------------
-
-def resolve_budget(budget: float, n: int) -> int:
-    """A count (>= 1, whole) or a fraction of n (< 1, rounded) as an example count in 1..n."""
-    if not budget > 0:
-        raise SelectionError(f"budget must be a count >= 1 or a fraction in (0, 1), got {budget}")
-    if budget < 1:
-        count = round(budget * n)
-        if count < 1:
-            raise SelectionError(f"budget fraction {budget} of {n} examples selects none")
-    elif not float(budget).is_integer():
-        raise SelectionError(f"budget {budget} must be a whole count (or a fraction below 1)")
-    else:
-        count = int(budget)
-    if count > n:
-        raise SelectionError(f"budget {count} is larger than the corpus ({n} examples)")
-    return count
-
-
-def allocate(sizes: Sequence[int], budget: int) -> np.ndarray:
-    """Algorithm 1's share of each group (int64, aligned with ``sizes``); sums to ``budget``."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    if not 0 <= budget <= sizes.sum():
-        raise SelectionError(f"budget {budget} is outside 0..{int(sizes.sum())} (the examples available)")
-    counts = np.zeros_like(sizes)
-    left = budget
-    for k, c in enumerate(np.argsort(sizes, kind="stable")):
-        counts[c] = min(sizes[c], left // (len(sizes) - k))
-        left -= counts[c]
-    return counts
-
-
-def sample_clusters(labels: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions of ``budget`` rows: Algorithm 1 over the clusters given by ``labels``."""
-    sizes = np.bincount(labels)
-    counts = allocate(sizes, budget)
-    members = np.argsort(labels, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    picks = [rng.choice(members[starts[c]:starts[c + 1]], counts[c], replace=False)
-             for c in np.argsort(sizes, kind="stable") if counts[c]]
-    return np.sort(np.concatenate(picks)) if picks else np.empty(0, np.int64)
-
-
-def s2l_select(labels: np.ndarray, budget: int, rng: np.random.Generator,
-               sources: np.ndarray | None = None) -> np.ndarray:
-    """Sorted positions of the S2L selection; with ``sources`` (codes), stratified by source first."""
-    if sources is None:
-        return sample_clusters(labels, budget, rng)
-    sizes = np.bincount(sources)
-    counts = allocate(sizes, budget)
-    picks = []
-    for s in np.argsort(sizes, kind="stable"):
-        if counts[s]:
-            rows = np.flatnonzero(sources == s)
-            picks.append(rows[sample_clusters(labels[rows], int(counts[s]), rng)])
-    return np.sort(np.concatenate(picks)) if picks else np.empty(0, np.int64)
-
-
-# the run-level stage ------------------------------------------------------------------------------
 
 def read_clusters(run: RunDir, source: RunDir | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Cluster ids and source codes (corpus idx order) from the ``clusters.parquet`` of ``source`` (default
@@ -183,19 +105,97 @@ def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarr
                                                     dest.selected_jsonl(b if several else None))])
 
 
-def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfig,
-                  num_points: int | None, clusters: RunDir | None = None) -> tuple[methods.Inputs, np.ndarray, list[str]]:
-    """What ``method`` needs, plus every row's source code and the source names (for the statistics)."""
+def _target(run: RunDir, select_cfg: SelectConfig, method: methods.Method) -> RunDir | None:
+    """The stored target examples, when the method or the split needs them (checked complete)."""
+    if not select_cfg.target:
+        if method.target:
+            raise SelectionError(f"method {method.name!r} needs target examples: give --target (select.target)")
+        return None
+    target = run.target
+    if not target.read_manifest().get("corpus"):
+        raise SelectionError(f"{target.uri} holds no stored target examples: run the selection with --target")
+    return target
+
+
+def target_sources(target: RunDir, names: list[str]) -> np.ndarray:
+    """Each target example's source as a code among the corpus's sources ``names``; -1 for any other source."""
+    col = pq.read_table(target.corpus_files(), columns=["source"], filesystem=target.fs).column("source")
+    index = {s: i for i, s in enumerate(names)}
+    return np.array([index.get(s, -1) for s in col.to_pylist()], np.int64)
+
+
+def place_target(run: RunDir, target: RunDir, cluster_cfg: ClusterConfig, num_points: int | None,
+                 clusters: RunDir, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each target example's nearest cluster (by its trajectory over the kept points; within its own source's
+    clusters when the clusters are per source and its source is among them) and that cluster's source code."""
+    plan = trajectories.plan(target, cluster_cfg, num_points)
+    x = trajectories.read_all(target, plan)
+    cents, owners = read_centroids(clusters)
+    if cents.shape[1] != x.shape[1]:
+        raise SelectionError(f"{clusters.centroids} has {cents.shape[1]} trajectory points, the target examples "
+                             f"{x.shape[1]}: cluster again with the same cluster.keep_every")
+    own = [names[c] if c >= 0 else None for c in target_sources(target, names)]
+    labels = nearest(x, cents, owners, own)
+    index = {s: i for i, s in enumerate(names)}
+    return labels, np.array([index.get(owners[c], -1) for c in labels], np.int64)
+
+
+def _scores(run: RunDir, target: RunDir | None, method: methods.Method, select_cfg: SelectConfig,
+            cluster_cfg: ClusterConfig, num_points: int | None) -> dict[str, np.ndarray]:
+    where = methods.SCORES[method.score]
+    if where == "trajectories":
+        plan = trajectories.plan(run, cluster_cfg, num_points)
+        return trajectories.features(plan, [method.score])[0]
+    if where == "corpus":
+        col = pq.read_table(run.corpus_files(), columns=["n_response"], filesystem=run.fs).column("n_response")
+        return {method.score: col.to_numpy().astype(np.float32)}
+    from ..embeddings import similarity
+
+    return {method.score: similarity(run, target, select_cfg.embedding_rank)}
+
+
+def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfig, select_cfg: SelectConfig,
+                  num_points: int | None, clusters: RunDir | None = None) -> tuple[methods.Inputs, np.ndarray,
+                                                                                  list[str], dict]:
+    """What ``method`` needs, every row's source code and the source names (for the statistics), and what
+    the target examples and the split contributed (for the manifest)."""
+    if cluster_cfg.source_split not in ("auto", *SPLITS):
+        raise SelectionError(f"cluster.source_split must be auto or one of {list(SPLITS)}, not "
+                             f"{cluster_cfg.source_split!r}")
+    target = _target(run, select_cfg, method)
     if method.clusters:
         labels, codes, names = read_clusters(run, clusters)
-        inputs = methods.Inputs(len(labels), labels, codes if cluster_cfg.per_source else None)
+        n_clusters = len(read_centroids(clusters or run)[1]) if method.target else int(labels.max()) + 1
+        inputs = methods.Inputs(len(labels), labels, n_clusters)
     else:
         codes, names = corpus_sources(run)
-        inputs = methods.Inputs(len(codes), sources=codes if method.sources else None)
+        inputs = methods.Inputs(len(codes))
+    inputs.smoothing = select_cfg.target_smoothing
+    info: dict = {}
+    mix = None  # the target examples' source codes, as the split counts them
+    if target is not None and method.target and method.clusters:
+        inputs.target_clusters, mix = place_target(run, target, cluster_cfg, num_points, clusters or run, names)
+        info["target_clusters_reached"] = int(len(np.unique(inputs.target_clusters)))
+    split = method.split if cluster_cfg.source_split == "auto" else cluster_cfg.source_split
+    if method.sources or (method.clusters and cluster_cfg.per_source):
+        inputs.sources = codes
+        if split == "target":
+            if target is None:
+                raise SelectionError(f"source split 'target' (method {method.name!r}) needs target examples: give "
+                                     "--target (select.target)")
+            mix = target_sources(target, names) if mix is None else mix
+            info["target_sources"] = dict(zip(names, np.bincount(mix[mix >= 0], minlength=len(names)).tolist()))
+            info["target_rows_outside_sources"] = int((mix < 0).sum())
+        inputs.split_weights = source_weights(split, np.bincount(codes, minlength=len(names)),
+                                              None if mix is None else np.bincount(mix[mix >= 0],
+                                                                                   minlength=len(names)),
+                                              select_cfg.target_smoothing)
+        info["source_split"] = split
+    if target is not None and method.target:
+        info["target_rows"] = target.read_manifest()["corpus"]["rows"]
     if method.score:
-        plan = trajectories.plan(run, cluster_cfg, num_points)
-        inputs.scores, _ = trajectories.features(plan, [method.score])
-    return inputs, codes, names
+        inputs.scores = _scores(run, target, method, select_cfg, cluster_cfg, num_points)
+    return inputs, codes, names, info
 
 
 def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig, seed: int, *,
@@ -207,7 +207,7 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
     clusters come from ``clusters`` (default: ``run``, where the selection run put them). The
     ``full`` method writes one selection of every row. Each budget's draw uses its own generator
     seeded with ``seed``, so it does not depend on the other budgets asked for. ``num_points``
-    is the proxy's T, for methods that read trajectory scores.
+    is the proxy's T, for methods that read trajectories.
     """
     try:
         method = methods.get(select_cfg.method)
@@ -216,7 +216,7 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
     if not select_cfg.budgets:
         raise SelectionError("select.budgets is empty")
     start = time.time()
-    inputs, codes, names = method_inputs(run, method, cluster_cfg, num_points, clusters)
+    inputs, codes, names, info = method_inputs(run, method, cluster_cfg, select_cfg, num_points, clusters)
     n = inputs.n
     budgets = [n] if method.full else [resolve_budget(b, n) for b in select_cfg.budgets]
     if len(set(budgets)) != len(budgets):
@@ -229,7 +229,7 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
     selected = time.time()
     write_selections(run, picks, inputs.labels, method.name, several=len(budgets) > 1, dest=dest or run)
     labels = inputs.labels
-    return {"method": method.name, "rows": n, "per_source": inputs.sources is not None,
+    return {"method": method.name, "rows": n, "per_source": inputs.sources is not None, **info,
             "budgets": {str(b): {"selected": len(p),
                                  "clusters": None if labels is None else len(np.unique(labels[p])),
                                  "sources": dict(zip(names, np.bincount(codes[p], minlength=len(names)).tolist()))}
