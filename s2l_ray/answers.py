@@ -20,7 +20,7 @@ Two answers match (:func:`answers_match`) when both parse as numbers and are equ
 else when their normalised strings are equal (case, spaces, ``\\text{}``, ``$...$``, and ``×``
 ``\\times`` ``\\cdot`` ``*`` or ``x`` between digits ignored), else when both are comma lists
 (bare or in ``[...]``; not in ``(...)``, which are tuples or intervals) whose items match in some
-order. An empty gold never matches. ``yes`` is not ``True``: only case differs between equal strings.
+order (with ``ordered_lists``, in the same order: sorting and reversal tasks). An empty gold never matches. ``yes`` is not ``True``: only case differs between equal strings.
 """
 from __future__ import annotations
 
@@ -161,8 +161,9 @@ def _same(a: str, b: str) -> bool:
     return normalize_text(a) == normalize_text(b)
 
 
-def answers_match(prediction: str, gold: str) -> bool:
-    """Exact match of two final answers: as numbers, else as normalised strings, else as unordered lists."""
+def answers_match(prediction: str, gold: str, ordered_lists: bool = False) -> bool:
+    """Exact match of two final answers: as numbers, else as normalised strings, else as lists whose items
+    match in some order (``ordered_lists``: in the same order, for sorting and reversal tasks)."""
     if not normalize_text(gold):
         return False
     if _same(prediction, gold):
@@ -170,6 +171,8 @@ def answers_match(prediction: str, gold: str) -> bool:
     p, g = _items(prediction), _items(gold)
     if not p or not g or len(p) != len(g) or len(g) < 2:
         return False
+    if ordered_lists:
+        return all(_same(x, y) for x, y in zip(p, g))
     rest = list(g)
     for x in p:
         j = next((j for j, y in enumerate(rest) if _same(x, y)), None)

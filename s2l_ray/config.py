@@ -56,9 +56,10 @@ class DemoConfig:
     train_sizes: list[int] = field(default_factory=list)  # per source, aligned with sources; empty: train_per_source
     eval_per_source: int = 25
     # target.jsonl: examples of the user's task for target-aware selection (--target), from generator seeds
-    # twenty million apart from the training items (and ten million from the evaluation's)
-    target_sources: list[str] = field(default_factory=lambda: ["gsm_symbolic"])
+    # twenty million apart from the training items (and ten million from the evaluation's); empty: the first source
+    target_sources: list[str] = field(default_factory=list)
     target_per_source: int = 50
+    target_eval_per_source: int = 100  # eval_target.jsonl: held-out items of target_sources (one-task evaluation)
     seed: int = 1234
     vocab_size: int = 2048
     # per source, the reasoning-gym generator's own config ({"gcd": {"max_value": 100}}); unnamed: its defaults.
@@ -211,6 +212,7 @@ class EvaluateConfig:
     output: str = ""  # empty: <fine-tuning output>/eval, or <model>/eval for a plain model dir
     answer: str = "answer"  # gold answer column (optional in the data; read after "####", in \\boxed{}, ...)
     chat: bool = False  # prompt prompt/response rows too through the chat template, as one-turn conversations
+    ordered_lists: bool = False  # comma-list answers match only in the same order (sorting, reversal tasks)
     stop: list[str] = field(default_factory=list)  # generation stops at these too; empty: the template's "Question:"
     max_new_tokens: int = 256
     limit: int = 0  # evaluate the first N rows only; 0: all
@@ -266,9 +268,15 @@ class BenchmarkConfig:
     budgets: list[float] = field(default_factory=lambda: [0.1, 0.3])  # counts (>=1) or fractions (<1)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     full: bool = True  # also fine-tune on every example
+    base: bool = False  # also evaluate the target without fine-tuning (finetune.model or the target base)
     global_k: int = 0  # k of the one global k-means behind method "s2l-global"; 0: cluster.k x the sources
+    # a one-task evaluation set besides evaluate.corpus.path (the target task; never the target examples)
+    target_eval: str = ""
     demo_train: str = "train"  # with the demo mixture: its training file, train | train_chat (conversations)
     demo_eval: str = "eval"  # and its evaluation file, eval | eval_gsm8k (gsm_symbolic in GSM8K's own schema)
+    # and its target examples as selection.select.target: "" (none) | target | target_chat; with them, its
+    # held-out items of demo.target_sources (eval_target.jsonl) are the one-task evaluation set
+    demo_target: str = ""
     bases: BasesConfig = field(default_factory=BasesConfig)
     selection: S2LConfig = field(default_factory=S2LConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -42,8 +42,11 @@ def _items(name: str, size: int, seed: int, args: dict | None = None) -> list[di
     return rows
 
 
-def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict], list[dict]]:
-    """Train, evaluation and target rows; the same config always gives the same rows."""
+def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Train, evaluation, target and target-evaluation rows; the same config always gives the same rows.
+
+    The target evaluation rows are the first ``target_eval_per_source`` held-out items of each target source
+    (the evaluation rows of that source are their first ``eval_per_source``)."""
     sizes = cfg.train_sizes or [cfg.train_per_source] * len(cfg.sources)
     if len(sizes) != len(cfg.sources) or min(sizes, default=1) < 1:
         raise ConfigError(f"demo.train_sizes: give one count >= 1 per source ({len(cfg.sources)} sources: "
@@ -51,10 +54,11 @@ def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict], list[dict]]:
     unknown = sorted(set(cfg.generator_args) - set(cfg.sources))
     if unknown:
         raise ConfigError(f"demo.generator_args: {unknown} are not among demo.sources {cfg.sources}")
-    unknown = sorted(set(cfg.target_sources) - set(cfg.sources))
+    targets = cfg.target_sources or cfg.sources[:1]
+    unknown = sorted(set(targets) - set(cfg.sources))
     if unknown:
         raise ConfigError(f"demo.target_sources: {unknown} are not among demo.sources {cfg.sources}")
-    train, evaluation, target = [], [], []
+    train, evaluation, target, target_eval = [], [], [], []
     for k, (name, size) in enumerate(zip(cfg.sources, sizes)):
         seed, args = cfg.seed + k * SOURCE_SEED_STRIDE, cfg.generator_args.get(name)
         seen: set[str] = set()
@@ -62,16 +66,21 @@ def generate(cfg: DemoConfig) -> tuple[list[dict], list[dict], list[dict]]:
             if row["prompt"] not in seen:  # small generators repeat themselves
                 seen.add(row["prompt"])
                 train.append(row)
-        for row in _items(name, cfg.eval_per_source, seed + EVAL_SEED_OFFSET, args):
+        held_out = _items(name, max(cfg.eval_per_source, cfg.target_eval_per_source if name in targets else 0),
+                          seed + EVAL_SEED_OFFSET, args)
+        for i, row in enumerate(held_out):
             if row["prompt"] not in seen:
                 seen.add(row["prompt"])
-                evaluation.append(row)
-        if name in cfg.target_sources:
+                if i < cfg.eval_per_source:
+                    evaluation.append(row)
+                if name in targets and i < cfg.target_eval_per_source:
+                    target_eval.append(row)
+        if name in targets:
             for row in _items(name, cfg.target_per_source, seed + TARGET_SEED_OFFSET, args):
                 if row["prompt"] not in seen:
                     seen.add(row["prompt"])
                     target.append(row)
-    return train, evaluation, target
+    return train, evaluation, target, target_eval
 
 
 def pretraining_rows(sources: list[str], per_source: int, seed: int,
@@ -126,7 +135,8 @@ def build(cfg: DemoConfig, root: str) -> dict[str, str]:
     """Write ``train.jsonl``, ``train_chat.jsonl`` (the same rows as one-turn conversations), ``eval.jsonl``,
     ``eval_gsm8k.jsonl`` (the ``gsm_symbolic`` held-out rows in GSM8K's own schema: ``question``,
     ``answer`` ending in ``#### N``), ``target.jsonl`` and ``target_chat.jsonl`` (examples of
-    ``target_sources`` for ``--target``) and ``tokenizer/`` under ``root`` (reused when present).
+    ``target_sources`` for ``--target``), ``eval_target.jsonl`` (their held-out items: the one-task
+    evaluation set) and ``tokenizer/`` under ``root`` (reused when present).
 
     Returns their paths. A folder built from another config is rebuilt.
     """
@@ -134,16 +144,18 @@ def build(cfg: DemoConfig, root: str) -> dict[str, str]:
     paths = {"train": str(base / "train.jsonl"), "train_chat": str(base / "train_chat.jsonl"),
              "eval": str(base / "eval.jsonl"), "eval_gsm8k": str(base / "eval_gsm8k.jsonl"),
              "target": str(base / "target.jsonl"), "target_chat": str(base / "target_chat.jsonl"),
+             "eval_target": str(base / "eval_target.jsonl"),
              "tokenizer": str(base / "tokenizer")}
     stamp = base / "demo.json"
     fp = fingerprint(cfg)
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
         return paths
     base.mkdir(parents=True, exist_ok=True)
-    train, evaluation, target = generate(cfg)
+    train, evaluation, target, target_eval = generate(cfg)
     _write_jsonl(base / "train.jsonl", train)
     _write_jsonl(base / "eval.jsonl", evaluation)
     _write_jsonl(base / "target.jsonl", target)
+    _write_jsonl(base / "eval_target.jsonl", target_eval)
     for name, rows in (("train_chat.jsonl", train), ("target_chat.jsonl", target)):
         _write_jsonl(base / name, [{"source": r["source"], "messages": [
             {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]} for r in rows])

@@ -72,7 +72,7 @@ def similarity(run: RunDir, target: RunDir, rank: str) -> np.ndarray:
 
     reference = read(target)
     n = run.read_manifest()["corpus"]["rows"]
-    ds = ray.data.read_parquet(_files(run), filesystem=run.fs, columns=["idx", "embedding"])
+    ds = ray.data.read_parquet(_files(run), filesystem=run.fs).select_columns(["idx", "embedding"])
     out = np.full(n, np.nan, np.float32)
     for batch in ds.map_batches(_score_batch, fn_kwargs={"reference": reference, "rank": rank},
                                 batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow"):

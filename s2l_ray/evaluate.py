@@ -63,7 +63,7 @@ class Evaluator:
     """
 
     def __init__(self, tokenizer_dir: str, text: TextConfig, max_new_tokens: int, stop: list[str], use_gpu: bool,
-                 bf16: bool):
+                 bf16: bool, ordered_lists: bool = False):
         from .models import load_tokenizer
         from .text import chat_template
 
@@ -71,7 +71,7 @@ class Evaluator:
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.chat = chat_template(self.tokenizer, text.chat_template)
-        self.text, self.max_new_tokens, self.stop = text, max_new_tokens, stop
+        self.text, self.max_new_tokens, self.stop, self.ordered = text, max_new_tokens, stop, ordered_lists
         self.model_dir, self.model = "", None
 
     def _use(self, model_dir: str) -> None:
@@ -114,7 +114,7 @@ class Evaluator:
         return {"model": [str(x) for x in batch["model"]], "index": batch["index"].tolist(),
                 "id": [str(x) for x in batch["id"]], "source": [str(x) for x in batch["source"]],
                 "gold": [str(x) for x in batch["gold"]], "prediction": predictions, "generation": generations,
-                "correct": [answers_match(p, str(g)) for p, g in zip(predictions, batch["gold"])],
+                "correct": [answers_match(p, str(g), self.ordered) for p, g in zip(predictions, batch["gold"])],
                 "loss": loss.float().cpu().tolist(), "n_response": n.cpu().tolist()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -249,7 +249,8 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
         Evaluator, batch_size=batch, batch_format="numpy",
         fn_constructor_kwargs=dict(tokenizer_dir=_absolute(cfg.text.tokenizer or paths[0][0]),
                                    text=cfg.text, max_new_tokens=cfg.max_new_tokens, stop=stop_strings(cfg),
-                                   use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu)),
+                                   use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu),
+                                   ordered_lists=cfg.ordered_lists),
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor if use_gpu else 0,
         resources=parse_resources(cfg.resources, "evaluate.resources") or None)

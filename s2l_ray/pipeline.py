@@ -275,6 +275,9 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
     for b, rec in budgets.items():
         lines.append(f"  budget {b}: {rec['selected']} examples -> {run.uri_of(posixpath.basename(run.selected_jsonl(int(b) if several else None)))}")
     lines.append(f"  trajectories: {run.uri_of('trajectories')}")
+    if m["config"]["select"]["target"]:
+        target = run.target.read_manifest()["corpus"]
+        lines.append(f"  target:       {target['rows']} examples ({', '.join(target['sources'])}) -> {run.target.uri}")
     if clustered:
         lines += [f"  clusters:     {run.uri_of('clusters.parquet')}", f"  report:       {run.uri_of('report.png')}"]
     lines += [f"  manifest:     {run.uri_of('manifest.json')}",

@@ -123,3 +123,16 @@ def test_parse_number_and_normalize_text():
 ])
 def test_answers_match_table(prediction, gold, match):
     assert answers_match(prediction, gold) is match
+
+
+def test_ordered_lists_for_sorting_and_reversal_tasks():
+    from s2l_ray.answers import answers_match
+
+    gold = "thought, sentence, federal, ambassador, Only"
+    shuffled = "Only, ambassador, federal, sentence, thought"
+    assert answers_match(shuffled, gold)  # roots of an equation: any order
+    assert not answers_match(shuffled, gold, ordered_lists=True)
+    assert answers_match("thought,sentence, federal,ambassador, Only", gold, ordered_lists=True)
+    gold = "['52.2', '30.0', '14.0', '-49.0', '-81.0']"
+    assert answers_match("['52.2', '30.0', '14.0', '-49.0', '-81.0']", gold, ordered_lists=True)
+    assert not answers_match("['-81.0', '-49.0', '14.0', '30.0', '52.2']", gold, ordered_lists=True)

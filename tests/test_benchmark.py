@@ -39,6 +39,7 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     # paired comparisons against random, from the cells' own per-item predictions
     comp = {(r["method"], r["metric"]): r for r in results["comparisons"]}
     assert set(comp) == {(m, k) for m in ("s2l", "s2l-global") for k in ("accuracy", "loss")}
+    assert {r["eval"] for r in results["comparisons"]} == {"eval"}
     s2l_loss = [c["loss"] for c in sorted(results["cells"], key=lambda c: c["seed"]) if c["method"] == "s2l"]
     random_loss = [c["loss"] for c in sorted(results["cells"], key=lambda c: c["seed"]) if c["method"] == "random"]
     assert comp[("s2l", "loss")]["per_seed"] == pytest.approx([a - b for a, b in zip(s2l_loss, random_loss)], abs=1e-6)
@@ -49,16 +50,17 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     assert cost["selection"]["scoring"] > 0 and set(cost["finetune_mean"]) == {"s2l 8", "s2l-global 8", "random 8"}
     results = {**results, "cells": [c for c in results["cells"] if c["method"] == "s2l"]}
     for c in results["cells"]:
-        assert c["examples"] == c["budget"] and 0.0 <= c["accuracy"] <= 1.0 and c["loss"] > 0
-        assert set(c["sources"]) == {"gcd", "basic_arithmetic"}
+        e = c["evals"]["eval"]
+        assert c["examples"] == c["budget"] and 0.0 <= e["accuracy"] <= 1.0 and e["loss"] > 0
+        assert set(e["sources"]) == {"gcd", "basic_arithmetic"} and list(c["evals"]) == ["eval"]
         metrics = json.loads((tmp_path / "bench" / "targets" / f"{c['method']}-{c['budget']}" / f"seed{c['seed']}"
                               / "eval" / "metrics.json").read_text())
-        assert metrics["overall"]["accuracy"] == c["accuracy"] and metrics["rows"] == 6
-        assert c["source_loss"] == {s: m["loss"] for s, m in metrics["sources"].items()}
+        assert metrics["overall"]["accuracy"] == e["accuracy"] == c["accuracy"] and metrics["rows"] == 6
+        assert e["source_loss"] == {s: m["loss"] for s, m in metrics["sources"].items()}
     rows = {(r["method"], r["budget"]): r for r in results["summary"]}
     s2l = [c for c in results["cells"] if c["method"] == "s2l"]
     assert rows[("s2l", 8)]["seeds"] == 2
-    assert rows[("s2l", 8)]["loss"] == pytest.approx(sum(c["loss"] for c in s2l) / 2)
+    assert rows[("s2l", 8)]["evals"]["eval"]["loss"] == pytest.approx(sum(c["loss"] for c in s2l) / 2)
     sel = tmp_path / "bench" / "selections"
     assert (sel / "s2l" / "seed0" / "selected.jsonl").read_text() != (sel / "s2l" / "seed1" / "selected.jsonl").read_text()
     # where the budget goes: each method's mix of sources is that of its subsets' files, mean over seeds
@@ -93,8 +95,48 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
         benchmark.run(changed)  # stale cells are refused, not silently reused
 
 
+def test_target_aware_benchmark_with_the_base_model_and_a_one_task_evaluation(ray_local, tmp_path):
+    """Target examples (the demo's, from far seeds), split variants, a baseline on embeddings, the base model,
+    the held-out set and the one-task target evaluation, each compared against random."""
+    cfg = tiny(tmp_path, methods="s2l-target,random-target-sources,embedding-target,s2l@proportional,random",
+               base="true", demo_target="target", **{"selection.demo.target_sources": "gcd",
+                                                     "selection.demo.target_per_source": 6,
+                                                     "selection.demo.target_eval_per_source": 5,
+                                                     "selection.cluster.per_source": "true",
+                                                     "selection.cluster.k": 2})
+    results = benchmark.run(cfg)
+    data = tmp_path / "bench" / "data"
+    assert results["target"] == {"gcd": 6}
+    held_out = [json.loads(line) for line in open(data / "eval_target.jsonl")]
+    target = [json.loads(line) for line in open(data / "target.jsonl")]
+    assert len(held_out) == 5 and {r["source"] for r in held_out} == {"gcd"}
+    assert not {r["prompt"] for r in target} & {r["prompt"] for r in held_out}  # the target set is not evaluated
+    base = next(c for c in results["cells"] if c["method"] == "base")
+    assert base["examples"] == 0 and set(base["evals"]) == {"eval", "target"}
+    assert (tmp_path / "bench" / "targets" / "base" / "eval-target" / "metrics.json").is_file()
+    for c in results["cells"]:
+        folder = "base" if c["method"] == "base" else f"{c['method']}-{c['budget']}/seed{c['seed']}"
+        metrics = json.loads((tmp_path / "bench" / "targets" / folder / "eval-target" / "metrics.json").read_text())
+        assert set(c["evals"]) == {"eval", "target"} and metrics["rows"] == 5
+        assert metrics["overall"]["accuracy"] == c["evals"]["target"]["accuracy"]
+    comp = {(r["method"], r["eval"], r["metric"]) for r in results["comparisons"] if r["baseline"] == "random"}
+    assert comp == {(m, e, k) for m in ("s2l-target", "random-target-sources", "embedding-target", "s2l@proportional")
+                    for e in ("eval", "target") for k in ("accuracy", "loss")}
+    drawn = {r["method"]: r["sources"] for r in results["composition"]}
+    # every target example is gcd (s = 0.1 over 2 sources: weights .95 and .05): floor(8 * .95) = 7 and 1
+    assert drawn["random-target-sources"] == {"basic_arithmetic": 1.0, "gcd": 7.0}
+    assert drawn["s2l@proportional"] == {"basic_arithmetic": 4.0, "gcd": 4.0}  # 16 rows each: 4 and 4
+    md = (tmp_path / "bench" / "results.md").read_text()
+    assert "| base | - | 0 |" in md and "on the target task" in md and "exact match, the target task" in md
+    assert results["cost"]["selection"]["embeddings"] > 0
+
+
 def test_benchmark_refuses_unknown_or_full_methods(tmp_path):
-    for methods, message in (("s2l,kcenter", "unknown selection method 'kcenter'"), ("full", "use full: true")):
+    for methods, message in (("s2l,kcenter", "unknown selection method 'kcenter'"), ("full", "use full: true"),
+                             ("s2l@even", "source split after @ must be one of"),
+                             ("s2l-global@target", "has no source split"),
+                             ("s2l-target", "needs target examples"), ("random-per-source@target",
+                                                                        "needs target examples")):
         cfg = load_config(None, {"output": str(tmp_path), "methods": methods}, cls=BenchmarkConfig)
         with pytest.raises(ConfigError, match=message):
             benchmark.prepare(cfg)

@@ -42,7 +42,7 @@ def cluster(tmp_path_factory, demo_small):
     with moto_s3() as (endpoint, fs):
         env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "RAY_AUTH_MODE": "disabled",
                "RAY_USAGE_STATS_ENABLED": "0"}
-        for name in ("train", "eval"):
+        for name in ("train", "eval", "target"):
             with open(demo_small[name], "rb") as src, fs.open_output_stream(f"{BUCKET}/data/{name}.jsonl") as dst:
                 dst.write(src.read())
         pafs.copy_files(demo_small["tokenizer"], f"{BUCKET}/tokenizer", destination_filesystem=fs)
@@ -92,7 +92,8 @@ def s3(path: str) -> str:
     return f"s3://{BUCKET}/{path}"
 
 
-SELECT = ["jobs/select.py", "--data", s3("data/train.jsonl"), "--budget", "24", "--clusters", "4",
+SELECT = ["jobs/select.py", "--data", s3("data/train.jsonl"), "--target", s3("data/target.jsonl"),
+          "--method", "s2l-target", "--budget", "24", "--clusters", "4",
           "--num-workers", "2", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "proxy.epochs=1",
           "--set", "proxy.num_points=2", "--set", "proxy.batch_size=8", "--set", "proxy.cpus_per_worker=0.5",
           "--set", "proxy.lr=0.003", "--set", f"proxy.resources={PIN}", "--set", f"scoring.resources={PIN}",
@@ -122,13 +123,15 @@ def selected(cluster):
 def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, selected):
     fs = cluster[2]
     objects = keys(fs, f"{BUCKET}/run")
-    for name in ("manifest.json", "clusters.parquet", "selection.parquet", "selected.jsonl", "report.png",
-                 "corpus/part-00000.parquet", "trajectories/_done.json", "proxy/_checkpoints.json",
-                 "trajectories/checkpoint=1/part-00000.parquet"):
+    for name in ("manifest.json", "clusters.parquet", "centroids.parquet", "selection.parquet", "selected.jsonl",
+                 "report.png", "corpus/part-00000.parquet", "trajectories/_done.json", "proxy/_checkpoints.json",
+                 "trajectories/checkpoint=1/part-00000.parquet", "target/manifest.json", "target/corpus/part-00000.parquet",
+                 "target/trajectories/checkpoint=0/part-00000.parquet", "target/trajectories/checkpoint=1/part-00000.parquet"):
         assert objects.get(name, 0) > 0, f"{name} missing: {sorted(objects)}"
     assert len([k for k in objects if k.endswith("/model/model.safetensors")]) == 2  # Ray Train's checkpoints
     manifest = json.loads(fs.open_input_stream(f"{BUCKET}/run/manifest.json").read())
     assert manifest["corpus"]["rows"] == 60 and manifest["clusters"]["k"] == 4
+    assert manifest["selection"]["method"] == "s2l-target" and manifest["selection"]["target_rows"] == 50
     assert manifest["corpus"]["pieces"] >= 3 and len(manifest["corpus"]["pieces_by_node"]) == 2  # ingest on both
     # every stage's progress in `ray job logs`: the stage lines, Ray Train's, Ray Data's, the summary
     stamp = r"\[s2l \d\d:\d\d:\d\d\] "
@@ -136,8 +139,9 @@ def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, se
                     stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers",
                     r"Started training worker group of size 2",
                     r"\(RayTrainWorker pid=\d+[^)]*\) \[proxy\] point 1/2 at step 2/4 train_loss=",
-                    r"Dataset \S+ execution finished in", r"\[scoring\] point 0: 60 rows scored",
-                    r"\[scoring\] point 1: 60 rows scored", stamp + "clusters: 4 clusters", stamp + "done",
+                    r"Dataset \S+ execution finished in", r"\[scoring\] point 0: 110 rows scored",
+                    r"\[scoring\] point 1: 110 rows scored", stamp + "target: 50 examples from " + re.escape(
+                        s3("data/target.jsonl")), stamp + "clusters: 4 clusters", stamp + "done",
                     r"budget 24: 24 examples -> " + re.escape(s3("run/selected.jsonl")),
                     r"next: python jobs/finetune.py --data " + re.escape(s3("run"))):
         assert re.search(pattern, selected), f"{pattern!r} missing from `ray job logs`"

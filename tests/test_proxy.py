@@ -199,3 +199,47 @@ def test_plan_spreads_points_evenly():
     assert plan.point_steps == (5, 10, 16, 21)
     with pytest.raises(ProxyError, match="num_points"):
         make_plan(10, ProxyConfig(num_workers=2, batch_size=8, epochs=1, num_points=4))
+
+
+def mtimes(run: RunDir) -> dict:
+    return {t: [(f, os.path.getmtime(f)) for f in rec["files"]] for t, rec in run.done_points().items()}
+
+
+def test_target_examples_are_scored_at_every_point_with_the_exact_loss(proxy_run, demo_small, tmp_path):
+    """--target after the proxy has run: the target rows are scored from the saved checkpoints (nothing is
+    trained, no corpus file rewritten), each with its loss under that checkpoint alone; s2l-target selects."""
+    cfg, run, _, _ = proxy_run
+    corpus_before, checkpoints = mtimes(run), run.proxy_checkpoints()
+    made = run.read_manifest()["proxy"]
+    manifest = pipeline.select(load_config(None, {**vars_of(cfg), "select.target": demo_small["target"],
+                                                  "select.method": "s2l-target", "select.budgets": "0.25",
+                                                  "cluster.k": 3}))
+    assert mtimes(run) == corpus_before and run.proxy_checkpoints() == checkpoints and manifest["proxy"] == made
+    target = run.target
+    rows = pq.read_table(target.corpus_files(), columns=["id", "prompt", "response", "messages"]).to_pylist()
+    assert len(rows) == 50 == manifest["selection"]["target_rows"] and sorted(target.done_points()) == list(range(T))
+    tok = load_tokenizer(demo_small["tokenizer"])
+    for t in (0, T - 1):
+        model = load_model(os.path.join(checkpoints[t]["path"], "model")).eval()
+        table = pq.read_table(target.done_points()[t]["files"], partitioning=None).to_pydict()
+        got = dict(zip(table["id"], table["loss"]))
+        np.testing.assert_allclose([got[r["id"]] for r in rows], reference_losses(model, tok, rows, cfg.text),
+                                   rtol=0, atol=1e-5)
+    assert manifest["selection"]["budgets"]["15"]["selected"] == 15
+
+
+def test_another_target_set_rescores_only_the_target_rows(proxy_run, demo_small, tmp_path):
+    cfg, run, _, _ = proxy_run
+    other = tmp_path / "gcd.jsonl"  # another task: the demo's held-out gcd problems as the target
+    other.write_text("".join(line for line in open(demo_small["eval"]) if '"source": "gcd"' in line))
+    base = {**vars_of(cfg), "select.method": "s2l-target", "select.budgets": "0.25", "cluster.k": 3}
+    pipeline.select(load_config(None, {**base, "select.target": demo_small["target"]}))
+    corpus_before, target_before = mtimes(run), mtimes(run.target)
+    manifest = pipeline.select(load_config(None, {**base, "select.target": str(other)}))
+    assert mtimes(run) == corpus_before  # no corpus trajectory file rewritten
+    assert manifest["proxy"]["trained"] is True  # the record of how the trajectories were made stays
+    after = mtimes(run.target)
+    assert sorted(after) == list(range(T)) and all(after[t] != target_before[t] for t in range(T))
+    assert run.target.read_manifest()["corpus"]["sources"] == {"gcd": 5}
+    picked = manifest["selection"]["budgets"]["15"]["sources"]
+    assert picked["gcd"] > 15 / 3  # the gcd target pulls the budget to its clusters
