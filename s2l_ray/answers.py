@@ -4,7 +4,8 @@ A gold answer (:func:`extract_gold`) is, first that applies: the first line afte
 (GSM8K); the content of the last ``\\boxed{}``/``\\fbox{}`` (MATH, nested braces kept); the whole
 text when it is *short* (one line of at most 60 characters: ``True``, ``-3, 1, 5``, ``x = 2``)
 unless it is a sentence with a number (three or more words of two or more letters, not counting
-LaTeX commands: ``He has 5 apples.``); the last number; ``""``.
+LaTeX commands: ``He has 5 apples.``; a comma list of single words, ``set, 2006, sir, to``, is a
+list, not a sentence); the last number; ``""``.
 
 A prediction (:func:`extract_prediction`) is first cut at the earliest stop string, then, first
 that applies: ``####``; ``\\boxed{}``; the last "answer is" / "answer:" phrase (covers "The answer
@@ -85,7 +86,9 @@ def _first(*candidates: str) -> str:
 def extract_gold(text: str) -> str:
     """The gold answer of a reference solution or answer field (rules in the module docstring)."""
     s = text.strip()
-    sentence = len(_WORD.findall(s)) >= 3 and bool(_last_number(s))
+    items = _items(s) or []
+    listed = len(items) > 1 and all(len(x.split()) == 1 for x in items)  # a list of words, not a sentence
+    sentence = len(_WORD.findall(s)) >= 3 and bool(_last_number(s)) and not listed
     return _first(_after_hashes(s), _last_boxed(s), s if _short(s) and not sentence else "", _last_number(s))
 
 

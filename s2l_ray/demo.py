@@ -25,14 +25,19 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 def _items(name: str, size: int, seed: int, args: dict | None = None) -> list[dict]:
     import reasoning_gym
 
+    if size == 0:
+        return []
+
     try:
         ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **(args or {}))
+        items = [ds[i] for i in range(size)]  # some settings fail only when an item is drawn
     except (TypeError, ValueError, AssertionError) as e:
         raise ConfigError(f"demo.generator_args.{name}: reasoning-gym refused {args}: {e}") from None
     rows = []
-    for i in range(size):
-        item = ds[i]
+    for item in items:
         answer = str(item["answer"]).strip()
+        if not answer:  # nothing to check an answer against (base_conversion of 0 answers "")
+            continue
         cot = (item.get("metadata") or {}).get("answer_cot")
         if cot:  # the solution's own final line may format the answer differently ("6.0")
             response = cot.rsplit("####", 1)[0].rstrip() + f"\n#### {answer}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import posixpath
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ import torch
 
 from .answers import answers_match, extract_gold, extract_prediction
 from .config import EvaluateConfig, TextConfig, parse_resources, to_dict
+from .layout import absolute
 from .progress import log as _log
 
 LONG = 1 << 30  # a max_length that cuts nothing: prompts are cut from the left instead
@@ -190,15 +190,12 @@ def markdown(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
 
 def resolve_paths(cfg: EvaluateConfig) -> tuple[str, str]:
     """The HF model dir (a fine-tuning output's model/ when given that) and the output dir; paths or URIs."""
     from .layout import exists, resolve
 
-    model = _absolute(cfg.model)
+    model = absolute(cfg.model)
     fs, root = resolve(model)
     run_dir = model
     if exists(fs, posixpath.join(root, "model", "config.json")):
@@ -247,7 +244,7 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch))
     ds = ds.map_batches(
         Evaluator, batch_size=batch, batch_format="numpy",
-        fn_constructor_kwargs=dict(tokenizer_dir=_absolute(cfg.text.tokenizer or paths[0][0]),
+        fn_constructor_kwargs=dict(tokenizer_dir=absolute(cfg.text.tokenizer or paths[0][0]),
                                    text=cfg.text, max_new_tokens=cfg.max_new_tokens, stop=stop_strings(cfg),
                                    use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu),
                                    ordered_lists=cfg.ordered_lists),

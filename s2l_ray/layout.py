@@ -109,6 +109,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers do not run in the driver's directory); a URI or "" as it is."""
+    import os
+
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, S2LConfig, to_dict
-from .layout import LayoutError, RunDir, exists, stage_key
+from .layout import LayoutError, RunDir, absolute, exists, stage_key
 from .nodes import check_visible
 from .progress import log
 from .selection import methods
@@ -62,8 +62,9 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
         cfg = replace(cfg, corpus=replace(cfg.corpus, path=paths["train"]),
                       text=replace(cfg.text, tokenizer=cfg.text.tokenizer or paths["tokenizer"]))
     discover(cfg.corpus)
-    if cfg.select.target:
-        discover(target_config(cfg))
+    if cfg.select.target:  # a few hundred rows: every record is checked here, before anything starts
+        check_records(target_config(cfg))
+    cfg = replace(cfg, proxy=replace(cfg.proxy, model=absolute(cfg.proxy.model)))  # Train workers run elsewhere
     tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model
     try:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
@@ -71,8 +72,6 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
             load_model(cfg.proxy.model)  # fail fast on a bad directory
     except ModelError:
         check_records(cfg.corpus)  # a bad corpus is the first thing to fix
-        if cfg.select.target:
-            check_records(target_config(cfg))
         raise
     if tok is None:
         tokenizer_dir = corpus_tokenizer(run, cfg)

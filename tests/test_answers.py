@@ -26,6 +26,7 @@ RUNAWAY = "The answer is 18.\nQuestion: What is 5+5?\nAnswer: The answer is 10."
     ("x = 2", "x = 2", ["x=2", "2"]),
     ("New York City", "New York City", ["new york city"]),
     ("He has 5 apples left.", "5", ["5"]),
+    ("set, 2006, sir, to, was", "set, 2006, sir, to, was", ["set,2006, sir, to, was"]),  # a list, not a sentence
     ("between 1/2 and 3 / 4 cups", "3 / 4", ["0.75"]),
     ("\\frac{3}{4} \\text{ cm}", "\\frac{3}{4} \\text{ cm}", ["\\frac34 cm"]),
     (LONG_GOLD, "18", ["18"]),

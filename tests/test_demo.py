@@ -8,11 +8,11 @@ from s2l_ray.models import load_tokenizer
 
 def test_same_seed_same_corpus_and_disjoint_eval():
     cfg = DemoConfig(train_per_source=15, eval_per_source=5)
-    train, ev = demo.generate(cfg)
-    assert demo.generate(cfg) == (train, ev)
+    train, ev, _, _ = demo.generate(cfg)
+    assert demo.generate(cfg)[:2] == (train, ev)
     assert len({r["source"] for r in train}) >= 8 and "gsm_symbolic" in {r["source"] for r in train}
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in ev}
-    other, _ = demo.generate(DemoConfig(train_per_source=15, eval_per_source=5, seed=cfg.seed + 99_999))
+    other = demo.generate(DemoConfig(train_per_source=15, eval_per_source=5, seed=cfg.seed + 99_999))[0]
     assert other != train
     gsm = next(r for r in train if r["source"] == "gsm_symbolic")
     assert gsm["response"].count("\n") >= 2 and gsm["response"].rstrip().endswith(f"#### {gsm['answer']}")
@@ -34,7 +34,7 @@ def test_skewed_mixture_sizes_per_source_and_bad_sizes_refused():
     from s2l_ray.config import ConfigError
 
     cfg = DemoConfig(sources=["lcm", "chain_sum", "basic_arithmetic"], train_sizes=[3, 9, 27], eval_per_source=2)
-    train, ev = demo.generate(cfg)
+    train, ev, _, _ = demo.generate(cfg)
     assert Counter(r["source"] for r in train) == {"lcm": 3, "chain_sum": 9, "basic_arithmetic": 27}
     assert Counter(r["source"] for r in ev) == {"lcm": 2, "chain_sum": 2, "basic_arithmetic": 2}
     for sizes in ([3, 9], [3, 0, 9]):
@@ -54,7 +54,7 @@ def test_generator_args_set_each_source_difficulty_in_the_demo_and_the_pretraini
                     "generator_args:\n  basic_arithmetic: {max_terms: 2, max_digits: 1, operators: ['+'],"
                     " allow_parentheses: false, allow_negation: false}\n")
     cfg = load_config(str(yaml), cls=DemoConfig)
-    train, ev = demo.generate(cfg)
+    train, ev, _, _ = demo.generate(cfg)
     easy = [r["prompt"] for r in train + ev if r["source"] == "basic_arithmetic"]
     assert easy and all(re.fullmatch(r"Calculate \d{1,2} \+ \d{1,2}\.", p) for p in easy)
     gcd = [int(n) for r in train if r["source"] == "gcd" for n in re.findall(r"\d+", r["prompt"].split(":")[1])]
@@ -96,3 +96,26 @@ def test_a_rebuild_that_gives_the_same_rows_leaves_the_files_untouched(tmp_path)
     demo.build(replace(cfg, train_per_source=21), str(tmp_path))
     changed = {f for f in files if os.stat(f).st_mtime_ns != before[f]}
     assert changed == {paths["train"], paths["train_chat"]}  # one more training row; the held-out rows as before
+
+
+def test_target_examples_and_the_one_task_evaluation_come_from_far_seeds():
+    import pytest
+
+    from s2l_ray.config import ConfigError
+
+    cfg = DemoConfig(sources=["gcd", "chain_sum"], train_per_source=10, eval_per_source=3, target_per_source=6,
+                     target_eval_per_source=8)
+    train, ev, target, target_eval = demo.generate(cfg)
+    assert {r["source"] for r in target} == {r["source"] for r in target_eval} == {"gcd"}  # default: the first source
+    assert len(target) == 6 and len(target_eval) == 8
+    assert target_eval[:3] == [r for r in ev if r["source"] == "gcd"]  # the held-out items, and more of them
+    prompts = [{r["prompt"] for r in rows} for rows in (train, ev + target_eval, target)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    assert demo.generate(replace(cfg, target_sources=["chain_sum"]))[2][0]["source"] == "chain_sum"
+    assert demo.generate(replace(cfg, target_per_source=0, target_eval_per_source=0))[2:] == ([], [])
+    with pytest.raises(ConfigError, match=r"demo.target_sources: \['lcm'\] are not among"):
+        demo.generate(replace(cfg, target_sources=["lcm"]))
+    # a setting the generator accepts but fails on when an item is drawn is refused the same way
+    with pytest.raises(ConfigError, match="demo.generator_args.simple_equations: reasoning-gym refused"):
+        demo.generate(DemoConfig(sources=["simple_equations"], train_per_source=2, eval_per_source=1,
+                                 generator_args={"simple_equations": {"operators": ["+", "-"]}}))

@@ -52,3 +52,22 @@ def test_data_alone_trains_a_tokenizer_and_runs_the_whole_selection(tmp_path, de
     assert (out / "tokenizer" / "tokenizer.json").is_file() and manifest["clusters"]["k"] == 100
     assert manifest["selection"]["budgets"] == {"24": manifest["selection"]["budgets"]["24"]}
     assert f"next: python jobs/finetune.py --data {out} --model /path/to/your/target-model" in proc.stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "s2l-target"], r"select\.method 's2l-target' needs target examples: give --target"),
+    (["--method", "random-per-source", "--set", "cluster.source_split=target"],
+     r"select\.method 'random-per-source' with source split target needs target examples"),
+    (["--method", "s2l-target", "--target", "missing.jsonl"], r"corpus path does not exist: .*missing\.jsonl"),
+    (["--set", "cluster.source_split=even"], r"cluster\.source_split must be auto or one of"),
+    (["--method", "embedding-target", "--target", "good.jsonl", "--set", "select.embedding_rank=max"],
+     r"select\.embedding_rank must be one of \['nearest', 'mean'\]"),
+    (["--method", "s2l-target", "--target", "bad.jsonl"], r"bad\.jsonl:2: malformed JSON"),
+])
+def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
+    (tmp_path / "good.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"\n')
+    proc = _select(["--data", str(tmp_path / "good.jsonl"), "--output", str(tmp_path / "r"), *extra], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "r").exists()  # refused before anything was written

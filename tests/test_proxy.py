@@ -243,3 +243,26 @@ def test_another_target_set_rescores_only_the_target_rows(proxy_run, demo_small,
     assert run.target.read_manifest()["corpus"]["sources"] == {"gcd": 5}
     picked = manifest["selection"]["budgets"]["15"]["sources"]
     assert picked["gcd"] > 15 / 3  # the gcd target pulls the budget to its clusters
+
+
+def test_embedding_target_embeds_every_row_as_the_final_checkpoint_alone_would(proxy_run, demo_small):
+    """The extra pass: each stored embedding is the mean of the final checkpoint's last hidden states over the
+    row's own tokens, computed for that row alone; the ranking is by cosine to the nearest target example."""
+    import torch
+
+    from s2l_ray.embeddings import read, scores
+
+    cfg, run, _, _ = proxy_run
+    manifest = pipeline.select(load_config(None, {**vars_of(cfg), "select.target": demo_small["target"],
+                                                  "select.method": "embedding-target", "select.budgets": "10"}))
+    model = load_model(os.path.join(run.proxy_checkpoints()[T - 1]["path"], "model")).eval()
+    stored = pq.read_table(run.corpus_files(), columns=["id", "input_ids"]).to_pylist()
+    got = read(run)
+    with torch.no_grad():
+        alone = np.stack([model.base_model(input_ids=torch.tensor([r["input_ids"]])).last_hidden_state[0].mean(0)
+                          .numpy() for r in stored])
+    np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
+    similarity = scores(got, read(run.target), "nearest")
+    picked = pq.read_table(run.selection()).column("id").to_pylist()
+    assert sorted(picked) == sorted(stored[i]["id"] for i in np.argsort(-similarity, kind="stable")[:10])
+    assert manifest["stages"]["embeddings"]["rows"] == len(stored)

@@ -41,13 +41,26 @@ def chat_corpus(demo_small, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chat_run(ray_local, chat_corpus, smollm2_proxy, tmp_path_factory):
-    """A whole selection with the SmolLM2 cut as the proxy (its own tokenizer and chat template)."""
+def chat_target(demo_small, tmp_path_factory):
+    """5 target conversations of one task (the demo's held-out gcd problems), in ShareGPT form."""
+    rows = [json.loads(line) for line in open(demo_small["eval"]) if '"source": "gcd"' in line]
+    path = tmp_path_factory.mktemp("chat_target") / "target.jsonl"
+    path.write_text("".join(json.dumps({"source": r["source"], "conversations": [
+        {"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["response"]}]}) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_run(ray_local, chat_corpus, chat_target, smollm2_proxy, tmp_path_factory):
+    """A whole target-aware selection with the SmolLM2 cut as the proxy (its own tokenizer and chat template)."""
     out = tmp_path_factory.mktemp("chat_run") / "run"
-    cfg = load_config(None, {"output": str(out), "corpus.path": str(chat_corpus), "proxy.model": smollm2_proxy,
+    # a relative model path, as users write it: Ray Train's workers, which run in folders of their own, get it absolute
+    cfg = load_config(None, {"output": str(out), "corpus.path": str(chat_corpus),
+                             "proxy.model": os.path.relpath(smollm2_proxy),
                              "proxy.epochs": 1, "proxy.batch_size": 4, "proxy.num_points": 2, "proxy.lr": 1e-4,
                              "proxy.num_workers": 2, "proxy.cpus_per_worker": 0.5, "corpus.part_rows": 8,
-                             "text.max_length": 384, "cluster.k": 3, "select.budgets": "8"})
+                             "text.max_length": 384, "cluster.k": 3, "select.budgets": "8",
+                             "select.method": "s2l-target", "select.target": str(chat_target)})
     return cfg, pipeline.select(cfg)
 
 
@@ -88,6 +101,14 @@ def test_trajectories_equal_the_real_models_loss_on_each_example_alone(chat_run,
     first = pq.read_table(run.done_points()[0]["files"], partitioning=None).column("loss").to_numpy()
     last = pq.read_table(run.done_points()[1]["files"], partitioning=None).column("loss").to_numpy()
     assert not np.allclose(first, last)  # the checkpoints differ: the proxy trained
+    # the target conversations: stored through the same chat template, scored with the same exact loss
+    target = run.target
+    rows = pq.read_table(target.corpus_files(), columns=["id", "prompt", "response", "messages"]).to_pylist()
+    assert len(rows) == 5 and all(json.loads(r["messages"])[0]["role"] == "user" for r in rows)
+    for t in (0, 1):
+        model = load_model(os.path.join(run.proxy_checkpoints()[t]["path"], "model")).eval()
+        table = pq.read_table(target.done_points()[t]["files"], partitioning=None).to_pydict()
+        np.testing.assert_allclose(table["loss"], reference_losses(model, tok, rows, cfg.text), rtol=0, atol=1e-5)
 
 
 def test_selected_chat_rows_keep_their_turns_and_the_hint_asks_for_the_target(chat_run, capsys):
@@ -95,7 +116,9 @@ def test_selected_chat_rows_keep_their_turns_and_the_hint_asks_for_the_target(ch
     run = RunDir(cfg.output)
     rows = [json.loads(line) for line in open(run.selected_jsonl())]
     assert len(rows) == 8 and all(set(r) == {"id", "source", "messages"} for r in rows)
+    assert manifest["selection"]["method"] == "s2l-target" and manifest["selection"]["target_rows"] == 5
     assert "--model /path/to/your/target-model" in pipeline.summary(run, cfg)
+    assert f"target:       5 examples (gcd) -> {run.target.uri}" in pipeline.summary(run, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 tokenizer, and the rows stored (tokenised with the target's tokenizer) in the run's output."""
 from __future__ import annotations
 
-import os
 import posixpath
 from dataclasses import replace
 from pathlib import Path
 
 from ..config import DemoConfig, FinetuneConfig
-from ..layout import RunDir, exists, resolve
+from ..layout import RunDir, absolute, exists, resolve
 from ..progress import log
 from .plan import FinetuneError
 
@@ -62,9 +61,6 @@ def resolve_data(cfg: FinetuneConfig) -> str:
     return run.uri_of(posixpath.basename(chosen))
 
 
-def _absolute(path: str) -> str:
-    return path if not path or "://" in path else os.path.abspath(path)
-
 
 def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
     """``cfg`` with absolute local (or URI) model and tokenizer dirs, both checked.
@@ -87,9 +83,9 @@ def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
             raise FinetuneError(f"{path} was selected from your own corpus: pass --model with the target model to "
                                 "fine-tune (a Hugging Face model dir); without one, only the built-in demo trains a "
                                 f"fresh {cfg.preset!r} model")
-    tokenizer = _absolute(cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"])
+    tokenizer = absolute(cfg.text.tokenizer or cfg.model or demo_paths()["tokenizer"])
     load_tokenizer(tokenizer)
-    return replace(cfg, model=_absolute(cfg.model), text=replace(cfg.text, tokenizer=tokenizer))
+    return replace(cfg, model=absolute(cfg.model), text=replace(cfg.text, tokenizer=tokenizer))
 
 
 def store_rows(cfg: FinetuneConfig, data: str, run: RunDir) -> dict:
