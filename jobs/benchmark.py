@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", help="comma-separated counts or fractions")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--no-full", action="store_true", help="skip fine-tuning on every example")
+    p.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, progress bars, warnings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set finetune.epochs=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the plan; read and run nothing")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=BenchmarkConfig)
         print(benchmark.dry_run(cfg)) if a.dry_run else benchmark.run(cfg)
 
-    return pipeline.main(body)
+    return pipeline.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, help="rows per generate() call")
     p.add_argument("--num-actors", type=int)
+    p.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, progress bars, warnings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set text.max_length=1024 (repeatable)")
     return p.parse_args(argv)
@@ -37,16 +38,13 @@ def main(argv: list[str] | None = None) -> int:
                  "limit": a.limit, "batch_size": a.batch_size, "num_actors": a.num_actors}
 
     def body() -> None:
-        import ray
-
         from s2l_ray import evaluate
 
         cfg = load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=EvaluateConfig)
-        if not ray.is_initialized():
-            ray.init()
+        pipeline.ensure_ray()
         evaluate.run(cfg)
 
-    return pipeline.main(body)
+    return pipeline.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

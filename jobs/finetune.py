@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3))
     p.add_argument("--offload-optimizer", action="store_true", default=None, help="optimizer states in CPU memory")
     p.add_argument("--num-workers", type=int)
+    p.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, progress bars, warnings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set text.max_length=1024 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the plan; read and run nothing")
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
                  "offload_optimizer": a.offload_optimizer, "num_workers": a.num_workers}
 
     def body() -> None:
-        import ray
-
         from s2l_ray import finetune
 
         config = a.config if a.config is not None or a.model else DEMO_CONFIG
@@ -63,11 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             print(finetune.dry_run(cfg))
             return
-        if not ray.is_initialized():
-            ray.init()
+        pipeline.ensure_ray()
         finetune.run(cfg)
 
-    return pipeline.main(body)
+    return pipeline.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 With no arguments it runs the built-in maths demo on a local Ray instance (CPU is fine):
 
     python jobs/select.py
+    python jobs/select.py --data corpus.jsonl --target my_task.jsonl --method s2l-target --output runs/mine
     ray job submit --working-dir . -- python jobs/select.py --config configs/paper_mathinstruct.yaml
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clusters", type=int, help="K for k-means")
     p.add_argument("--num-workers", type=int, help="Ray Train workers for the proxy")
     p.add_argument("--proxy-model", help="local directory of the proxy causal LM (default: tiny preset)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, progress bars, warnings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set proxy.epochs=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the plan; read and run nothing")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, {**overrides, **parse_sets(a.set)})
         print(pipeline.dry_run(cfg)) if a.dry_run else pipeline.select(cfg)
 
-    return pipeline.main(body)
+    return pipeline.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .config import ConfigError, S2LConfig, to_dict
 from .layout import LayoutError, RunDir, absolute, exists, stage_key
 from .nodes import check_visible
 from .progress import log
+from .report import write_html
 from .selection import methods
 
 
@@ -33,11 +34,16 @@ def versions() -> dict:
 
 
 def ensure_ray() -> None:
+    """Start (or join) Ray with the console of ``progress``: the project's lines once each, Ray's own output only
+    with ``--verbose``."""
     import ray
 
+    from . import progress
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(**progress.quiet_ray(progress.VERBOSE))
         log(f"Ray: {ray.cluster_resources()}")
+    progress.start_console()
 
 
 def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
@@ -278,7 +284,8 @@ def summary(run: RunDir, cfg: S2LConfig) -> str:
         target = run.target.read_manifest()["corpus"]
         lines.append(f"  target:       {target['rows']} examples ({', '.join(target['sources'])}) -> {run.target.uri}")
     if clustered:
-        lines += [f"  clusters:     {run.uri_of('clusters.parquet')}", f"  report:       {run.uri_of('report.png')}"]
+        lines += [f"  clusters:     {run.uri_of('clusters.parquet')}"]
+    lines += [f"  report:       {run.uri_of('report.html')}" + (f" (and {run.uri_of('report.png')})" if clustered else "")]
     lines += [f"  manifest:     {run.uri_of('manifest.json')}",
               f"  total time:   {m['total_seconds']:.1f}s"]
     budget = f" --budget {next(iter(budgets))}" if several else ""
@@ -371,6 +378,7 @@ def select(cfg: S2LConfig) -> dict:
         run_embeddings(run, cfg)
     run_select(run, cfg)
     manifest = run.update_manifest(total_seconds=round(time.time() - total, 2))
+    write_html(run)  # rewritten for every selection: the page shows the current one
     log("done\n" + summary(run, cfg))
     return manifest
 
@@ -391,8 +399,12 @@ def fail(msg: str) -> int:
     return 2
 
 
-def main(fn) -> int:
-    """Run a job body; the project's errors become one clear line and exit status 2."""
+def main(fn, verbose: bool = False) -> int:
+    """Run a job body; the project's errors become one clear line and exit status 2. ``verbose``: Ray's own
+    output (worker logs, progress bars, its warnings) shown too."""
+    from . import progress
+
+    progress.VERBOSE = verbose
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - anything not ours is re-raised with its traceback
@@ -400,4 +412,6 @@ def main(fn) -> int:
         if err is None:
             raise
         return fail(str(err))
+    finally:
+        progress.stop_console()
     return 0

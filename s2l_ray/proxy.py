@@ -29,6 +29,7 @@ from . import batches
 from .config import ProxyConfig, ScoringConfig, parse_resources
 from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
+from .progress import Rate, log
 from .scoring import score_point
 
 
@@ -106,7 +107,8 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        print(f"[proxy] rank {rank}: resumed from step {step} (trajectory point {state['t']})", flush=True)
+        if rank == 0:
+            log(f"resumed from step {step} (trajectory point {state['t']})", "proxy")
     start_step = step  # where this attempt began: 0, or the checkpoint it resumed from
     model = ray.train.torch.prepare_model(model)
     inner = model.module if hasattr(model, "module") else model
@@ -117,6 +119,7 @@ def train_loop(config: dict) -> None:
     model.train()
     recent: list[float] = []
     started, compute = time.time(), 0.0
+    rate = Rate(config["total_steps"] - start_step, "steps")
     for epoch in range(step // spe, config["epochs"]):
         positions = batches.epoch_positions(data.n, config["seed"], epoch, rank, world)
         for ids, spans in batches.iterate(rows, positions, config["batch_size"], start=step - epoch * spe):
@@ -136,11 +139,12 @@ def train_loop(config: dict) -> None:
             if step in points:
                 t = points[step]
                 metrics = {"t": t, "step": step, "start_step": start_step, "epoch": epoch,
-                           "train_loss": float(np.mean(recent)), "compute_seconds": round(compute, 3),
+                           "train_loss": float(np.mean(recent)), "losses": recent, "compute_seconds": round(compute, 3),
                            "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
                 recent = []
-                print(f"[proxy] point {t + 1}/{len(points)} at step {step}/{config['total_steps']} "
-                      f"train_loss={metrics['train_loss']:.4f}", flush=True)
+                if rank == 0:
+                    log(f"point {t + 1}/{len(points)} at step {step}/{config['total_steps']}, training loss "
+                        f"{metrics['train_loss']:.4f} ({rate.phrase(step - start_step)})", "proxy")
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
                         _save_checkpoint(inner, optimizer, scheduler, step, t, tmp)
@@ -164,15 +168,17 @@ class ScoringCoordinator:
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def submit(self, t: int, step: int, checkpoint: Checkpoint, start_step: int, compute: list[float]) -> None:
+    def submit(self, t: int, step: int, checkpoint: Checkpoint, start_step: int, compute: list[float],
+               losses: list[float]) -> None:
         """A checkpoint training just persisted: record it in the checkpoint index, then score it.
 
         ``start_step`` is the step the training attempt that made it began at (0, or the
         checkpoint it resumed from after an interruption or a worker failure); ``compute`` the
-        seconds each worker spent in training steps since then.
+        seconds each worker spent in training steps since then; ``losses`` the training loss of each
+        step since the previous point (mean over workers).
         """
         self.runs[0].mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step,
-                                         "compute_seconds": compute})
+                                         "compute_seconds": compute, "losses": losses})
         self.score(t, step, checkpoint)
 
     def score(self, t: int, step: int, checkpoint: Checkpoint) -> None:
@@ -186,7 +192,8 @@ class ScoringCoordinator:
             todo = [r.uri for r in self.runs if t not in r.done_points()]
             try:
                 rec = ray.get(task.remote(todo, t, step, ckpt, *self.args))
-                print(f"[scoring] point {t}: {rec['rows']} rows scored in {rec['seconds']:.1f}s", flush=True)
+                log(f"point {t}: {rec['rows']:,} rows scored in {rec['seconds']:.1f}s "
+                    f"({rec['rows'] / max(rec['seconds'], 1e-9):,.0f} rows/s)", "scoring")
                 self.results.append({**rec, "runs": todo})
             except Exception as e:  # reported by finish(); later points still run
                 self.errors.append(f"trajectory point {t}: {e}")
@@ -219,7 +226,8 @@ def _trajectory_callback(coordinator):
             if checkpoint is not None:
                 m = metrics[0]
                 ray.get(coordinator.submit.remote(int(m["t"]), int(m["step"]), checkpoint, int(m["start_step"]),
-                                                  [float(r.get("compute_seconds", 0.0)) for r in metrics]))
+                                                  [float(r.get("compute_seconds", 0.0)) for r in metrics],
+                                                  np.mean([r["losses"] for r in metrics], axis=0).tolist()))
 
     return TrajectoryCallback()
 

@@ -167,7 +167,7 @@ class PartScorer:
             schema=TRAJECTORY_SCHEMA)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, seconds = [], []
+        rows, seconds, sums = [], [], []
         for uri, part in zip(batch["run"], batch["part"]):
             run = RunDir(str(uri))
             src = pq.read_table(run.corpus_part(int(part)), filesystem=run.fs,
@@ -178,8 +178,9 @@ class PartScorer:
             dest = run.embedding_part(int(part)) if self.kind == "embedding" else run.trajectory_part(self.t, int(part))
             write_parquet_atomic(run.fs, dest, table)
             rows.append(src.num_rows)
+            sums.append(float(np.nansum(table.column("loss").to_numpy())) if self.kind == "loss" else 0.0)
         return {"run": batch["run"], "part": batch["part"], "rows": np.asarray(rows, np.int64),
-                "seconds": np.asarray(seconds)}
+                "seconds": np.asarray(seconds), "loss_sum": np.asarray(sums)}
 
 
 def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool, precision: str,
@@ -209,7 +210,8 @@ def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConf
             raise RuntimeError(f"{kind} of {r.uri} at point {t}: {rows} rows in parts "
                                f"{sorted(int(d['part']) for d in mine)}, expected {expected} rows in {len(parts)} parts")
         files = [r.trajectory_part(t, p) if kind == "loss" else r.embedding_part(p) for p in parts]
-        out[r.uri] = {"files": files, "rows": rows, "compute_seconds": round(float(sum(d["seconds"] for d in mine)), 3)}
+        out[r.uri] = {"files": files, "rows": rows, "compute_seconds": round(float(sum(d["seconds"] for d in mine)), 3),
+                      "mean_loss": float(sum(d["loss_sum"] for d in mine)) / rows}
     return out
 
 

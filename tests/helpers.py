@@ -132,3 +132,48 @@ def moto_s3():
     finally:
         unpatch()
         server.stop()
+
+
+# -- a real browser ------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it)
+_CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+_DRAWN = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                 for (let i = 4; i < d.length; i += 4)
+                   if (d[i] != d[0] || d[i + 1] != d[1] || d[i + 2] != d[2] || d[i + 3] != d[3]) return true;
+                 return false; }"""
+
+
+def open_page(path, screenshot=None, timeout: float = 60.0) -> dict:
+    """Open a local HTML file in headless Chromium and wait until every Bokeh document on it is idle (drawn).
+
+    Returns the console errors and page errors, how many figures there are and how many hold a drawing
+    (a canvas of more than one colour), and each DataTable's visible rows as cell texts; ``screenshot``
+    saves the page.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(Path(path).resolve().as_uri())
+            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
+                                   "Bokeh.documents.every(d => d.is_idle)", timeout=timeout * 1000)
+            figures = page.locator(".bk-Figure")
+            drawn = sum(any(c.evaluate(_DRAWN) for c in figures.nth(i).locator("canvas").all())
+                        for i in range(figures.count()))
+            tables = [[[cell.inner_text() for cell in r.locator(".slick-cell").all()]
+                       for r in grid.locator(".slick-row").all()] for grid in page.locator(".slick-viewport").all()]
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
+            return {"errors": errors, "figures": figures.count(), "drawn": drawn,
+                    "tables": [t for t in tables if t]}
+        finally:
+            browser.close()

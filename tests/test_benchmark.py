@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 
+from helpers import open_page
 from s2l_ray import benchmark
 from s2l_ray.config import BenchmarkConfig, ConfigError, load_config
 
@@ -77,6 +79,14 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     assert "| s2l | 25% | 8 |" in md and "fine-tune, per cell" in md and "Response loss per source" in md
     assert "| s2l | 25% | random |" in md and "selection, total" in md and "source purity" in md
     assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    page = open_page(tmp_path / "bench" / "results.html")  # the same results as a page, in a real browser
+    assert page["errors"] == [] and page["figures"] == page["drawn"] == 2  # exact match and loss, per method
+    summary = page["tables"][0]
+    assert sorted(r[0] for r in summary) == ["random", "s2l", "s2l-global"]
+    for r in summary:
+        row = next(x for x in results["summary"] if x["method"] == r[0])
+        assert float(r[3]) == pytest.approx(100 * row["evals"]["eval"]["accuracy"], abs=5e-4)
+        assert float(r[5]) == pytest.approx(row["evals"]["eval"]["loss"], abs=5e-4)
     again = benchmark.run(cfg)  # every stage and cell reused: identical cells
     assert [c for c in again["cells"] if c["method"] == "s2l"] == results["cells"]
     # With checkpoints inside runs, each target gets its own worker group; training is the same.
@@ -174,10 +184,10 @@ def test_bases_are_pretrained_once_reused_and_refused_when_their_config_changes(
 
 
 @pytest.mark.parametrize("preset", ["benchmark_cpu.yaml", "benchmark_cpu_scratch.yaml", "benchmark_real.yaml",
-                                    "benchmark_gpu.yaml"])
+                                    "benchmark_gpu.yaml", "benchmark_target.yaml", "benchmark_target_gpu.yaml"])
 def test_every_benchmark_preset_passes_a_dry_run(preset):
     from pathlib import Path
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / preset), cls=BenchmarkConfig)
     plan = benchmark.dry_run(cfg)
-    assert f"targets -> {cfg.output}" in plan and "ZeRO-2" in plan
+    assert re.search(rf"\d+ targets( \+ the base model)? -> {re.escape(cfg.output)}", plan) and "ZeRO-2" in plan

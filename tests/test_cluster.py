@@ -124,7 +124,7 @@ def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, se
     fs = cluster[2]
     objects = keys(fs, f"{BUCKET}/run")
     for name in ("manifest.json", "clusters.parquet", "centroids.parquet", "selection.parquet", "selected.jsonl",
-                 "report.png", "corpus/part-00000.parquet", "trajectories/_done.json", "proxy/_checkpoints.json",
+                 "report.png", "report.html", "corpus/part-00000.parquet", "trajectories/_done.json", "proxy/_checkpoints.json",
                  "trajectories/checkpoint=1/part-00000.parquet", "target/manifest.json", "target/corpus/part-00000.parquet",
                  "target/trajectories/checkpoint=0/part-00000.parquet", "target/trajectories/checkpoint=1/part-00000.parquet"):
         assert objects.get(name, 0) > 0, f"{name} missing: {sorted(objects)}"

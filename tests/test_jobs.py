@@ -71,3 +71,26 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_the_demo_console_is_the_projects_own_lines_once_and_verbose_brings_rays_back(tmp_path):
+    """`python jobs/select.py` on a small demo: a few dozen lines, each once, none of Ray's internal warnings or
+    progress-bar debris; with --verbose (everything reused) Ray's own output is back."""
+    small = ["--set", "demo.sources=gcd,lcm,basic_arithmetic", "--set", "demo.train_per_source=30",
+             "--set", "demo.eval_per_source=2", "--set", "proxy.epochs=1", "--set", "proxy.num_points=3",
+             "--clusters", "4", "--output", str(tmp_path / "run")]
+    proc = _select(small, tmp_path, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 40, "\n".join(lines)
+    stamped = [line for line in lines if re.match(r"\[(s2l|proxy|scoring) \d\d:\d\d:\d\d\] ", line)]
+    assert len(set(stamped)) == len(stamped)  # each project line once
+    assert len([line for line in stamped if line.startswith("[proxy")]) == 3  # one a trajectory point
+    assert len([line for line in stamped if line.startswith("[scoring")]) == 3
+    assert not [line for line in lines if "core_worker" in line or "\x1b[" in line or "\r" in line
+                or "RayTrainWorker" in line or "Running Dataset" in line], "\n".join(lines)
+    assert any("report:" in line and "report.html" in line for line in lines)
+    verbose = _select([*small, "--verbose"], tmp_path, timeout=900)
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert re.search(r"Started a local Ray instance|Starting execution of Dataset", verbose.stdout + verbose.stderr)

@@ -14,7 +14,7 @@ without fine-tuning. Everything lands under ``<output>/``::
     selections/<method>/seed<s>/   selection[-<B>].parquet, selected[-<B>].jsonl
     targets/<method>-<B>/seed<s>/  fine-tuning output, eval/ (and eval-target/), cell.json
     sweeps/<method>/               Ray Train's record of the method's sweep
-    results.json, results.md, results.png
+    results.json, results.md, results.png, results.html
 
 A method is a selection method's name, ``s2l-global``, or either with a source split
 (``s2l@proportional``, ``random-per-source@target``). Finished cells, subsets, bases and stages

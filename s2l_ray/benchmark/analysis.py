@@ -14,7 +14,9 @@ import numpy as np
 from ..config import BenchmarkConfig
 from ..layout import resolve
 
-BASELINES = ("random", "random-per-source")
+# random-target-sources is the control for the target-aware methods: do the trajectories (or embeddings) add
+# anything over matching the target's source mix?
+BASELINES = ("random", "random-per-source", "random-target-sources")
 NOT_COMPARED = ("full", "base")
 
 

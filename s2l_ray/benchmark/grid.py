@@ -283,7 +283,7 @@ def _selection_run(sel: S2LConfig, labels: list[str]) -> tuple[RunDir, dict]:
 def run(cfg: BenchmarkConfig) -> dict:
     """The whole benchmark; returns what results.json holds."""
     from ..selection.allocation import resolve_budget
-    from .tables import benchmark_markdown, plot_benchmark
+    from .tables import benchmark_markdown, plot_benchmark, results_html
 
     started = time.time()
     cfg = prepare(cfg)
@@ -320,7 +320,8 @@ def run(cfg: BenchmarkConfig) -> dict:
     write_json_atomic(out.fs, out.path("results.json"), results)
     write_bytes_atomic(out.fs, out.path("results.md"), table.encode())
     write_bytes_atomic(out.fs, out.path("results.png"), plot_benchmark(rows, n))
-    log(f"done in {results['total_seconds']:.0f}s: {out.uri_of('results.md')}, {out.uri_of('results.png')}")
+    write_bytes_atomic(out.fs, out.path("results.html"), results_html(results).encode())
+    log(f"done in {results['total_seconds']:.0f}s: {out.uri_of('results.md')}, {out.uri_of('results.html')}")
     print(table, flush=True)
     return results
 

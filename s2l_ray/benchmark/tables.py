@@ -157,3 +157,90 @@ def plot_benchmark(rows: list[dict], n: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def results_html(results: dict) -> str:
+    """results.html: the same tables as results.md (means with intervals, per source, the budget's
+    composition, the cost ledger) and the plot, as one self-contained page (Bokeh, sortable tables)."""
+    import html
+
+    from bokeh.models import ColumnDataSource, HoverTool, Whisker
+    from bokeh.plotting import figure
+
+    from ..report.html import WIDTH, heading, page, palette, table
+
+    rows, n = results["summary"], results["rows"]
+    names = list(rows[0]["evals"]) if rows else ["eval"]
+    parts = [heading("S2L benchmark results", html.escape(
+        f"Corpus of {n:,} examples; budgets {results['budgets']}; seeds {results['config']['seeds']}. Exact match "
+        "and response loss, mean ± std over seeds (base: the target without fine-tuning)."))]
+    summary = {"method": [r["method"] for r in rows], "budget": [_budget(r["budget"], n) for r in rows],
+               "examples": [r["examples"] for r in rows]}
+    cols = [("method", "method", "text"), ("budget", "budget", "text"), ("examples", "examples", "int")]
+    for k in names:
+        for metric, scale in (("accuracy", 100.0), ("loss", 1.0)):
+            summary[f"{k}_{metric}"] = [scale * r["evals"][k][metric] for r in rows]
+            summary[f"{k}_{metric}_std"] = [scale * r["evals"][k][f"{metric}_std"] for r in rows]
+            label = "exact match (%)" if metric == "accuracy" else "loss"
+            cols += [(f"{k}_{metric}", f"{label}, {EVAL_NAMES[k]}", "float"),
+                     (f"{k}_{metric}_std", "± std", "float")]
+    parts.append(table(summary, cols, height=min(500, 40 + 28 * len(rows))))
+    methods = [r["method"] + ("" if r["method"] in ("full", "base") else f" {_budget(r['budget'], n)}")
+               for r in rows]
+    for k in names:
+        for metric, scale in (("accuracy", 100.0), ("loss", 1.0)):
+            y = [scale * r["evals"][k][metric] for r in rows]
+            e = [scale * r["evals"][k][f"{metric}_std"] for r in rows]
+            src = ColumnDataSource({"m": methods, "y": y, "lo": [a - b for a, b in zip(y, e)],
+                                    "hi": [a + b for a, b in zip(y, e)], "color": palette(max(3, len(rows)))[:len(rows)]})
+            fig = figure(x_range=methods, width=WIDTH, height=320, tools="save",
+                         title=f"{'exact match (%)' if metric == 'accuracy' else 'response loss'}, {EVAL_NAMES[k]} "
+                               "(mean ± std over seeds)")
+            fig.scatter("m", "y", source=src, size=10, color="color")
+            fig.add_layout(Whisker(source=src, base="m", upper="hi", lower="lo"))
+            fig.add_tools(HoverTool(tooltips=[("", "@m"), ("mean", "@y{0.000}")]))
+            fig.xaxis.major_label_orientation = 0.8
+            parts.append(fig)
+    comps = results.get("comparisons") or []
+    if comps:
+        parts.append(heading("Against the baselines", "Method minus baseline, paired by seed and evaluation item; "
+                             "95% bootstrap interval over seeds and items; a win or a loss only where the interval "
+                             "excludes 0."))
+        scale = [100.0 if c["metric"] == "accuracy" else 1.0 for c in comps]
+        parts.append(table({"method": [c["method"] for c in comps], "baseline": [c["baseline"] for c in comps],
+                            "budget": [_budget(c["budget"], n) for c in comps],
+                            "eval": [EVAL_NAMES[c["eval"]] for c in comps],
+                            "metric": ["exact match (points)" if c["metric"] == "accuracy" else "loss" for c in comps],
+                            "mean": [s * c["mean"] for s, c in zip(scale, comps)],
+                            "low": [s * c["low"] for s, c in zip(scale, comps)],
+                            "high": [s * c["high"] for s, c in zip(scale, comps)],
+                            "verdict": [c["verdict"] for c in comps]},
+                           [("method", "method", "text"), ("baseline", "baseline", "text"), ("budget", "budget", "text"),
+                            ("eval", "evaluated on", "text"), ("metric", "metric", "text"), ("mean", "mean", "float"),
+                            ("low", "interval low", "float"), ("high", "interval high", "float"),
+                            ("verdict", "verdict", "text")], height=min(500, 40 + 28 * len(comps))))
+    for k in names:
+        sources = sorted(rows[0]["evals"][k]["sources"]) if rows else []
+        data = {"method": summary["method"], "budget": summary["budget"]}
+        for s in sources:
+            data[s] = [100.0 * r["evals"][k]["sources"][s] for r in rows]
+        parts += [heading(f"Exact match per source (%), {EVAL_NAMES[k]}"),
+                  table(data, [("method", "method", "text"), ("budget", "budget", "text")]
+                        + [(s, s, "float") for s in sources], height=min(500, 40 + 28 * len(rows)))]
+    comp = results.get("composition") or []
+    if comp:
+        sources = sorted(comp[0]["sources"])
+        data = {"method": [c["method"] for c in comp], "budget": [_budget(c["budget"], n) for c in comp],
+                **{s: [c["sources"][s] for c in comp] for s in sources}}
+        parts += [heading("Where the budget goes", "Examples per source in each method's subsets, mean over seeds."),
+                  table(data, [("method", "method", "text"), ("budget", "budget", "text")]
+                        + [(s, s, "float") for s in sources], height=min(500, 40 + 28 * len(comp)))]
+    cost = results.get("cost")
+    if cost:
+        items = [(f"selection: {k}", v) for k, v in cost["selection"].items()] + [
+            ("selection, total", cost["selection_total"])] + [
+            (f"fine-tuning: {k}", v) for k, v in sorted(cost["finetune_mean"].items())]
+        parts += [heading(f"Cost ({cost['unit']})"), table({"what": [i[0] for i in items], "value": [i[1] for i in items]},
+                                                           [("what", "what", "text"), ("value", cost["unit"], "float")],
+                                                           height=min(400, 40 + 28 * len(items)))]
+    return page(parts, "S2L benchmark results")

@@ -124,10 +124,10 @@ def target_sources(target: RunDir, names: list[str]) -> np.ndarray:
     return np.array([index.get(s, -1) for s in col.to_pylist()], np.int64)
 
 
-def place_target(run: RunDir, target: RunDir, cluster_cfg: ClusterConfig, num_points: int | None,
-                 clusters: RunDir, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def place_target(target: RunDir, cluster_cfg: ClusterConfig, num_points: int | None, clusters: RunDir,
+                 names: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """Each target example's nearest cluster (by its trajectory over the kept points; within its own source's
-    clusters when the clusters are per source and its source is among them) and that cluster's source code."""
+    clusters when the clusters are per source and its source is among them), that cluster's source code, and K."""
     plan = trajectories.plan(target, cluster_cfg, num_points)
     x = trajectories.read_all(target, plan)
     cents, owners = read_centroids(clusters)
@@ -137,7 +137,7 @@ def place_target(run: RunDir, target: RunDir, cluster_cfg: ClusterConfig, num_po
     own = [names[c] if c >= 0 else None for c in target_sources(target, names)]
     labels = nearest(x, cents, owners, own)
     index = {s: i for i, s in enumerate(names)}
-    return labels, np.array([index.get(owners[c], -1) for c in labels], np.int64)
+    return labels, np.array([index.get(owners[c], -1) for c in labels], np.int64), len(owners)
 
 
 def _scores(run: RunDir, target: RunDir | None, method: methods.Method, select_cfg: SelectConfig,
@@ -165,8 +165,7 @@ def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfi
     target = _target(run, select_cfg, method)
     if method.clusters:
         labels, codes, names = read_clusters(run, clusters)
-        n_clusters = len(read_centroids(clusters or run)[1]) if method.target else int(labels.max()) + 1
-        inputs = methods.Inputs(len(labels), labels, n_clusters)
+        inputs = methods.Inputs(len(labels), labels, int(labels.max()) + 1)
     else:
         codes, names = corpus_sources(run)
         inputs = methods.Inputs(len(codes))
@@ -174,21 +173,22 @@ def method_inputs(run: RunDir, method: methods.Method, cluster_cfg: ClusterConfi
     info: dict = {}
     mix = None  # the target examples' source codes, as the split counts them
     if target is not None and method.target and method.clusters:
-        inputs.target_clusters, mix = place_target(run, target, cluster_cfg, num_points, clusters or run, names)
+        inputs.target_clusters, mix, inputs.n_clusters = place_target(target, cluster_cfg, num_points,
+                                                                      clusters or run, names)
         info["target_clusters_reached"] = int(len(np.unique(inputs.target_clusters)))
     split = method.split if cluster_cfg.source_split == "auto" else cluster_cfg.source_split
     if method.sources or (method.clusters and cluster_cfg.per_source):
         inputs.sources = codes
+        counts = None
         if split == "target":
             if target is None:
                 raise SelectionError(f"source split 'target' (method {method.name!r}) needs target examples: give "
                                      "--target (select.target)")
             mix = target_sources(target, names) if mix is None else mix
-            info["target_sources"] = dict(zip(names, np.bincount(mix[mix >= 0], minlength=len(names)).tolist()))
+            counts = np.bincount(mix[mix >= 0], minlength=len(names))
+            info["target_sources"] = dict(zip(names, counts.tolist()))
             info["target_rows_outside_sources"] = int((mix < 0).sum())
-        inputs.split_weights = source_weights(split, np.bincount(codes, minlength=len(names)),
-                                              None if mix is None else np.bincount(mix[mix >= 0],
-                                                                                   minlength=len(names)),
+        inputs.split_weights = source_weights(split, np.bincount(codes, minlength=len(names)), counts,
                                               select_cfg.target_smoothing)
         info["source_split"] = split
     if target is not None and method.target:

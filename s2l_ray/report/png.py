@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 
-from .layout import RunDir, write_bytes_atomic
+from ..layout import RunDir, write_bytes_atomic
 
 MAX_CURVES = 20  # cluster-mean trajectories drawn at most
 
