@@ -1,9 +1,9 @@
-"""Benchmark trajectories -> clustering -> selection on synthetic trajectories.
+"""Benchmark trajectories -> clustering -> selection -> report.html on synthetic trajectories.
 
 Writes a synthetic run (corpus + trajectory points, chunk by chunk) into ``--output`` (a
 temporary folder by default, removed afterwards), then runs the selection stages on a local
-Ray and prints wall time per stage and peak memory (RSS and PSS of the driver, of all Ray
-processes together, and of both), sampled every 0.2 s, with the machine's load average (other
+Ray and prints wall time per stage, the size of the run's report.html, and peak memory (RSS and
+PSS of the driver, of all Ray processes together, and of both), sampled every 0.2 s, with the machine's load average (other
 work on the machine inflates wall times). An output folder that already holds a synthetic run
 of the same size is reused (generation skipped).
 
@@ -27,6 +27,7 @@ from s2l_ray import trajectories
 from s2l_ray.clustering import cluster_run
 from s2l_ray.config import ClusterConfig, SelectConfig
 from s2l_ray.layout import RunDir, exists
+from s2l_ray.report import write_html
 from s2l_ray.selection.stage import select_run
 
 GIB = 2 ** 30
@@ -105,9 +106,13 @@ def select(run: RunDir, args: argparse.Namespace) -> dict:
         middle = time.time()
         selection = select_run(run, SelectConfig(budgets=[args.budget]), cluster_cfg, seed=args.seed)
         end = time.time()
+        run.update_manifest(clusters=clusters, selection=selection)
+        page = write_html(run)
+        reported = time.time()
     ray.shutdown()
     return {"seconds": round(end - start, 3), "cluster_seconds": round(middle - start, 3),
-            "select_seconds": round(end - middle, 3), "cluster_timings": clusters["timings"],
+            "select_seconds": round(end - middle, 3), "report_seconds": round(reported - end, 3),
+            "report_bytes": run.fs.get_file_info(page).size, "cluster_timings": clusters["timings"],
             "select_timings": selection["timings"], "peak_memory_gib": mem.gib(),
             "backend": clusters["backend"], "k": clusters["k"], "sample_size": clusters["sample_size"],
             "inertia": clusters["inertia"], "selected": selection["budgets"]}
@@ -119,7 +124,8 @@ def summary(report: dict) -> str:
     rows = [("generate (separate)", "reused" if gen.get("reused") else f"{gen['seconds']:.1f}")]
     rows += [(f"cluster: {k}", f"{v:.1f}") for k, v in sel["cluster_timings"].items()]
     rows += [(f"select: {k}", f"{v:.1f}") for k, v in sel["select_timings"].items()]
-    rows += [("total, trajectories to selection", f"{sel['seconds']:.1f}")]
+    rows += [("total, trajectories to selection", f"{sel['seconds']:.1f}"),
+             (f"report.html ({sel['report_bytes'] / 2**20:.2f} MiB)", f"{sel['report_seconds']:.1f}")]
     mem = sel["peak_memory_gib"]
     lines = [f"{name:<34}{value:>8} s" for name, value in rows]
     lines.append(f"peak memory (GiB): driver RSS {mem['driver_rss']}, Ray RSS {mem['ray_rss']}, "

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from .config import CorpusConfig, TextConfig
 from .layout import STORED_SCHEMA, exists, resolve, write_parquet_atomic
+from .progress import Progress
 
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_EXT = (".parquet",)
@@ -660,9 +661,9 @@ def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> l
     return parts
 
 
-def _map_in_order(task, calls) -> list:
+def _map_in_order(task, calls, on_result=None) -> list:
     """``task.remote(*args)`` for each ``args`` in ``calls``, at most two per cluster CPU in flight; the results
-    in order, so the first failing call in input order is the one raised. On a failure nothing more is
+    in order, so the first failing call in input order is the one raised (``on_result`` sees them as they come). On a failure nothing more is
     submitted and the calls in flight are waited for, so that none still writes when the caller cleans up.
     They are not cancelled: ``ray.cancel`` racing a task's completion aborts the owner process in Ray 2.x
     ("Tried to complete task that was not pending", ray-project/ray#54846)."""
@@ -671,14 +672,17 @@ def _map_in_order(task, calls) -> list:
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     results, flight = [], collections.deque()
     try:
+        def take() -> None:
+            results.append(ray.get(flight.popleft()))
+            if on_result is not None:
+                on_result(results)
+
         for args in calls:
             flight.append(task.remote(*args))
             if len(flight) >= window:
-                results.append(ray.get(flight[0]))
-                flight.popleft()
+                take()
         while flight:
-            results.append(ray.get(flight[0]))
-            flight.popleft()
+            take()
     except BaseException:
         if flight:  # ray.wait refuses num_returns=0, which would hide the error
             ray.wait(list(flight), num_returns=len(flight))
@@ -706,7 +710,8 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     ingest = ray.remote(_ingest).options(num_cpus=1, scheduling_strategy="SPREAD")
     clear()
     try:
-        results = _map_in_order(ingest, ((p, cfg, text, tokenizer, run.uri, buckets) for p in pieces))
+        results = _map_in_order(ingest, ((p, cfg, text, tokenizer, run.uri, buckets) for p in pieces),
+                                Progress(len(pieces), "pieces", "corpus", lambda rs: f"{sum(r['rows'] for r in rs):,} rows"))
         find = ray.remote(_duplicates).options(num_cpus=1, scheduling_strategy="SPREAD")
         drops: dict[int, list[int]] = {}
         for found in _map_in_order(find, ((pieces, run.uri, cfg.strict, b) for b in range(buckets))):

@@ -28,6 +28,7 @@ import torch
 from .answers import answers_match, extract_gold, extract_prediction
 from .config import EvaluateConfig, TextConfig, parse_resources, to_dict
 from .layout import absolute
+from .progress import Progress
 from .progress import log as _log
 
 LONG = 1 << 30  # a max_length that cuts nothing: prompts are cut from the left instead
@@ -252,8 +253,12 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
         num_gpus=cfg.gpus_per_actor if use_gpu else 0,
         resources=parse_resources(cfg.resources, "evaluate.resources") or None)
     by_model: dict[str, list[dict]] = {}
-    for r in ds.take_all():
+    done: list[dict] = []
+    progress = Progress(len(items), "rows", "evaluate")
+    for r in ds.iter_rows():
         by_model.setdefault(r["model"], []).append(r)
+        done.append(r)
+        progress(done)
     seconds = round(time.time() - started, 2)
     return [_write(c, model_dir, out, data, sorted(by_model[model_dir], key=lambda r: r["index"]),
                    seconds / len(cfgs))

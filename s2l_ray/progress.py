@@ -117,6 +117,9 @@ def quiet_ray(verbose: bool) -> dict:
 
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars when a model is loaded here
     return {"log_to_driver": False, "logging_config": ray.LoggingConfig(log_level="ERROR")}
 
 
@@ -132,6 +135,24 @@ class Rate:
         left = (self.total - done) / rate if rate > 0 else float("nan")
         eta = "" if done >= self.total or rate == 0 else f", about {_duration(left)} left"
         return f"{done:,}/{self.total:,} {self.unit} ({rate:,.1f} {self.unit}/s{eta})"
+
+
+class Progress:
+    """Called with the results so far (a list, in order), logs ``done/total unit`` with its rate and the time left
+    every ``every`` seconds, and at the end of a stage that logged before (a short stage logs nothing);
+    ``detail(results)`` adds a phrase (rows read so far)."""
+
+    def __init__(self, total: int, unit: str, stage: str, detail=None, every: float = 10.0):
+        self.rate, self.stage, self.detail, self.every = Rate(total, unit), stage, detail, every
+        self.last, self.logged = time.time(), False
+
+    def __call__(self, results: list) -> None:
+        done = len(results)
+        if time.time() - self.last < self.every and not (done == self.rate.total and self.logged):
+            return
+        self.last, self.logged = time.time(), True
+        extra = f", {self.detail(results)}" if self.detail else ""
+        log(f"{self.rate.phrase(done)}{extra}", self.stage)
 
 
 def _duration(seconds: float) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .config import ScoringConfig, parse_resources
 from .layout import TRAJECTORY_SCHEMA, RunDir, embedding_schema, exists, remove_temporaries, write_parquet_atomic
+from .progress import Progress
 from .text import IGNORE_INDEX, collate, labels_from, length_buckets
 
 
@@ -195,11 +196,16 @@ def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConf
         if exists(r.fs, folders[r.uri]):
             r.fs.delete_dir(folders[r.uri])
     items = [{"run": r.uri, "part": p[0]} for r in runs for p in r.corpus_parts()]
-    done = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PartScorer, fn_constructor_args=(checkpoint, kind, t, step, cfg.max_tokens, use_gpu, precision), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(items))),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
-        resources=parse_resources(cfg.resources, "scoring.resources") or None).take_all()
+        resources=parse_resources(cfg.resources, "scoring.resources") or None)
+    done: list[dict] = []
+    progress = Progress(len(items), "parts", "scoring", lambda d: f"{kind}, point {t}")
+    for row in ds.iter_rows():
+        done.append(row)
+        progress(done)
     out = {}
     for r in runs:
         mine = [d for d in done if d["run"] == r.uri]

@@ -64,6 +64,8 @@ def compare(cells: list[dict], cfg: BenchmarkConfig) -> list[dict]:
             if method in (base, *NOT_COMPARED) or any((m, budget, s) not in by for m in (method, base)
                                                       for s in seeds):
                 continue
+            if method in BASELINES and BASELINES.index(method) < BASELINES.index(base):
+                continue  # two baselines are compared once, the later against the earlier
             for name in by[(method, budget, seeds[0])]["evals"]:
                 a = [item_scores(by[(method, budget, s)]["evals"][name]["predictions"]) for s in seeds]
                 b = [item_scores(by[(base, budget, s)]["evals"][name]["predictions"]) for s in seeds]

@@ -142,7 +142,7 @@ def subset(run: RunDir, cfg: BenchmarkConfig, label: str, seed: int) -> tuple[Ru
     """The method's subsets for every budget (reused when already drawn with the same settings)."""
     from ..selection.stage import select_run
 
-    name, split = parse_method(label)
+    name, split = (label, "") if label == "full" else parse_method(label)  # full: the cells of full: true
     dest = RunDir(posixpath.join(cfg.output, "selections", label, f"seed{seed}"))
     stages = run.read_manifest()["stages"]  # what the subset depends on: the trajectories, clusters, target
     upstream = {k: stages[k]["key"] for k in ("corpus", "proxy", "clusters")}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from ..config import FinetuneConfig, from_dict
 from ..layout import RunDir
+from ..progress import Rate, log
 from .plan import FinetuneError, Plan
 from .record import STATE_FILE, export, written
 
@@ -49,10 +49,7 @@ def gathered_state_dict(module: torch.nn.Module, zero_stage: int, rank: int) -> 
     return state
 
 
-def _say(msg: str) -> None:
-    """Worker progress on stdout (Ray Train's patched print would show it twice)."""
-    sys.stdout.write(f"[finetune] {msg}\n")
-    sys.stdout.flush()
+PROGRESS_SECONDS = 15  # at most one progress line per this many seconds (and one at the end)
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
@@ -129,10 +126,10 @@ def _train(job: dict, resume: bool) -> None:
         step, history = saved["step"], saved["log"]
     history.append({"event": "start", "step": step, "time": round(time.time(), 3)})
     if rank == 0:
-        _say(f"{cfg.output}: starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, "
-             f"{plan.num_workers} workers)")
+        log(f"{cfg.output}: starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, "
+            f"{plan.num_workers} workers)", "finetune")
     spe, gas = plan.steps_per_epoch, cfg.grad_accum
-    every = max(1, plan.total_steps // 20)
+    rate, first, said = Rate(plan.total_steps - step, "steps"), step, time.time()
     engine.train()
     for epoch in range(step // spe, cfg.epochs):
         skip, used = (step - epoch * spe) * gas, spe * gas
@@ -157,9 +154,10 @@ def _train(job: dict, resume: bool) -> None:
                             "lr": engine.get_lr()[0],  # and the step's compute seconds, mean over ranks
                             "compute": round(_mean_over_ranks(time.perf_counter() - tick, engine.device), 4)})
             acc = 0.0
-            if rank == 0 and (step % every == 0 or step == plan.total_steps):
-                _say(f"step {step}/{plan.total_steps} epoch {epoch} loss {history[-1]['loss']:.4f} "
-                     f"lr {history[-1]['lr']:.2e}")
+            if rank == 0 and (step == plan.total_steps or time.time() - said >= PROGRESS_SECONDS):
+                said = time.time()
+                log(f"step {step}/{plan.total_steps}, epoch {epoch}, loss {history[-1]['loss']:.4f}, lr "
+                    f"{history[-1]['lr']:.2e} ({rate.phrase(step - first)})", "finetune")
             state = {"step": step, "plan": job["plan"], "log": history}
             if step == plan.total_steps:
                 _export(engine, tokenizer, rank, cfg.zero_stage, state | {"seconds": round(time.time() - started, 2)},
