@@ -9,6 +9,7 @@ Data's progress bars, internal warnings) out of the way unless ``--verbose`` ask
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -66,12 +67,13 @@ def _board_class():
 
 class Console:
     """The driver's side: starts the board (on the node of the driver: nothing to lose with a worker node) and
-    prints what it holds every ``interval`` seconds until stopped."""
+    prints what it holds every ``interval`` seconds until stopped. Stop it before ``ray.shutdown()``."""
 
     def __init__(self, interval: float = 1.0):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        self.job = ray.get_runtime_context().get_job_id()  # a later ray.init is another session: another board
         here = ray.get_runtime_context().get_node_id()
         self.board = _board_class().options(name=BOARD, get_if_exists=True, scheduling_strategy=
                                             NodeAffinitySchedulingStrategy(here, soft=True)).remote()
@@ -86,19 +88,26 @@ class Console:
             print(line, flush=True)
 
     def _run(self) -> None:
+        import ray
+
         while not self.stopped.wait(self.interval):
+            if not ray.is_initialized():  # a call into a Ray that shut down would wait for it, then end the process
+                return
             try:
                 self._drain()
             except Exception:  # noqa: BLE001 - Ray shutting down: the last lines are drained by stop()
                 return
 
     def stop(self) -> None:
+        import ray
+
         self.stopped.set()
         self.thread.join()
-        try:
-            self._drain()
-        except Exception:  # noqa: BLE001 - Ray already gone
-            pass
+        if ray.is_initialized():
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - Ray going away
+                pass
 
 
 def quiet_ray(verbose: bool) -> dict:
@@ -164,10 +173,16 @@ def _duration(seconds: float) -> str:
 
 
 def start_console() -> None:
-    """Start the driver's console once (the board and its drain thread)."""
+    """Start the driver's console once per Ray session (the board and its drain thread)."""
+    import ray
+
     global _console
+    if _console is not None and _console.job != ray.get_runtime_context().get_job_id():
+        _console.stop()
+        _console = None
     if _console is None:
         _console = Console()
+        atexit.register(stop_console)  # before Ray's own exit handler, registered earlier, shuts Ray down
 
 
 def stop_console() -> None:

@@ -16,6 +16,9 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+    from s2l_ray import progress
+
+    progress.stop_console()  # the driver's console polls Ray: stopped before Ray goes
     ray.shutdown()
 
 

@@ -108,12 +108,16 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
 def test_target_aware_benchmark_with_the_base_model_and_a_one_task_evaluation(ray_local, tmp_path):
     """Target examples (the demo's, from far seeds), split variants, a baseline on embeddings, the base model,
     the held-out set and the one-task target evaluation, each compared against random."""
+    from s2l_ray.models import build_model, load_tokenizer, save_model
+
     cfg = tiny(tmp_path, methods="s2l-target,random-target-sources,embedding-target,s2l@proportional,random",
-               base="true", demo_target="target", **{"selection.demo.target_sources": "gcd",
+               seeds="0", base="true", demo_target="target", **{"selection.demo.target_sources": "gcd",
                                                      "selection.demo.target_per_source": 6,
                                                      "selection.demo.target_eval_per_source": 5,
                                                      "selection.cluster.per_source": "true",
                                                      "selection.cluster.k": 2})
+    tok = load_tokenizer(benchmark.prepare(cfg).selection.text.tokenizer)  # the demo's, built by prepare
+    cfg.finetune.model = save_model(build_model("tiny", tok, max_length=96), tok, str(tmp_path / "target"))
     results = benchmark.run(cfg)
     data = tmp_path / "bench" / "data"
     assert results["target"] == {"gcd": 6}

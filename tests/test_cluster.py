@@ -37,7 +37,10 @@ def cluster(tmp_path_factory, demo_small):
     head's runs/ and the run records in its test folders were before)."""
     import ray
 
+    from s2l_ray import progress
+
     was_up = ray.is_initialized()
+    progress.stop_console()  # it polls the local Ray, which goes now
     ray.shutdown()
     with moto_s3() as (endpoint, fs):
         env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "RAY_AUTH_MODE": "disabled",

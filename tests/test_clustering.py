@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray import clustering as cl
-from s2l_ray import report
+from s2l_ray.report import png as report
 from s2l_ray import trajectories as tr
 from s2l_ray.config import ClusterConfig
 from s2l_ray.layout import CLUSTERS_SCHEMA, RunDir

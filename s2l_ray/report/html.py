@@ -62,6 +62,8 @@ def _clusters(report: dict) -> list:
         "taken": [(c["selected"].get(first, 0) / c["size"]) if first and c["size"] else 0.0 for c in clusters],
         "top_source": top,
         "top_share": [c["mix"][s] / c["size"] if s else 0.0 for c, s in zip(clusters, top)],
+        "mix": [", ".join(f"{k} {v / c['size']:.0%}" for k, v in sorted(c["mix"].items(), key=lambda kv: -kv[1]))
+                for c in clusters],
         "first_loss": [c["mean"][0] for c in clusters], "last_loss": [c["mean"][-1] for c in clusters],
         "example": [c["examples"][0]["prompt"] if c["examples"] else "" for c in clusters],
         "xs": [steps for _ in clusters], "ys": [c["mean"] for c in clusters],
@@ -87,8 +89,8 @@ def _clusters(report: dict) -> list:
             ("selected", f"selected ({first})" if first else "selected", "int"), ("taken", "share taken", "pct"),
             ("top_source", "top source", "text"), ("top_share", "its share", "pct"),
             ("first_loss", "loss, first point", "float"), ("last_loss", "loss, last point", "float"),
-            ("example", "example (nearest the centroid)", "text")]
-    clusters_table = table(source, cols, height=300)
+            ("mix", "source mix", "text"), ("example", "example (nearest the centroid)", "text")]
+    clusters_table = table(source, cols, height=min(300, 40 + 28 * len(clusters)))
     sizes = figure(width=WIDTH // 2, height=300, title=f"Rows per cluster and rows selected ({first or '-'})",
                    x_axis_label="cluster (by size)", y_axis_label="rows", tools="save")
     order = sorted(range(len(clusters)), key=lambda i: -data["size"][i])
@@ -102,7 +104,8 @@ def _clusters(report: dict) -> list:
             for k in ("id", "source", "prompt", "response"):
                 examples[k].append(e[k])
     ex = table(examples, [("cluster", "cluster", "int"), ("id", "id", "text"), ("source", "source", "text"),
-                           ("prompt", "prompt", "text"), ("response", "response", "text")], height=260)
+                           ("prompt", "prompt", "text"), ("response", "response", "text")],
+               height=min(260, 40 + 28 * len(examples["id"])))
     stats = report.get("cluster_stats") or {}
     note = (f"{len(report['clusters'])} clusters ({stats.get('backend')}"
             + (", one k-means per source" if stats.get("per_source") else "")
