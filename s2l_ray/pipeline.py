@@ -320,14 +320,16 @@ def check_method(cfg: S2LConfig) -> methods.Method:
     return method
 
 
-def dry_run(cfg: S2LConfig) -> str:
-    """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
+def check_config(cfg: S2LConfig) -> methods.Method:
+    """Every check the config allows without its data, models or Ray; made by every run before any work starts
+    (and by ``--dry-run``). Returns the selection method."""
     from .clustering import BACKENDS
     from .config import parse_resources
-    from .models import resolve_bf16
     from .selection.allocation import SelectionError
 
     method = check_method(cfg)
+    if not cfg.select.budgets:
+        raise SelectionError("select.budgets is empty")
     for b in cfg.select.budgets:
         if not b > 0 or (b >= 1 and not float(b).is_integer()):
             raise SelectionError(f"select.budgets: {b} is neither a whole count >= 1 nor a fraction in (0, 1)")
@@ -335,10 +337,45 @@ def dry_run(cfg: S2LConfig) -> str:
         raise ConfigError(f"text.template must contain {{prompt}}: {cfg.text.template!r}")
     if cfg.cluster.backend not in BACKENDS:
         raise ConfigError(f"cluster.backend must be one of {list(BACKENDS)}, not {cfg.cluster.backend!r}")
-    if min(cfg.proxy.num_points, cfg.proxy.num_workers, cfg.proxy.batch_size, cfg.proxy.epochs, cfg.cluster.k) < 1:
-        raise ConfigError("proxy.num_points, num_workers, batch_size, epochs and cluster.k must be at least 1")
+    for name in ("proxy.num_points", "proxy.num_workers", "proxy.batch_size", "proxy.epochs", "cluster.k",
+                 "scoring.num_actors"):
+        section, field = name.split(".")
+        if getattr(getattr(cfg, section), field) < 1:
+            raise ConfigError(f"{name} must be at least 1, not {getattr(getattr(cfg, section), field)}")
     if cfg.proxy.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"proxy.schedule must be cosine, linear or constant, not {cfg.proxy.schedule!r}")
+    parse_resources(cfg.proxy.resources, "proxy.resources")
+    parse_resources(cfg.scoring.resources, "scoring.resources")
+    return method
+
+
+def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
+    """What the stored corpus's row count decides, checked before the proxy trains: every budget selects 1..rows
+    rows, no two the same, and the proxy's training steps hold its trajectory points."""
+    from .proxy import ProxyError, make_plan
+    from .selection.allocation import SelectionError, resolve_budget
+
+    if not method.full:
+        try:
+            counts = [resolve_budget(b, rows) for b in cfg.select.budgets]
+        except SelectionError as e:
+            raise SelectionError(f"select.budgets: {e}") from None
+        if len(set(counts)) != len(counts):
+            raise SelectionError(f"select.budgets {cfg.select.budgets} resolve to repeated counts {counts} "
+                                 f"of the corpus's {rows} rows")
+    try:
+        make_plan(rows, cfg.proxy)
+    except ProxyError as e:
+        raise ProxyError(f"{e} ({rows} rows over {cfg.proxy.num_workers} workers in batches of "
+                         f"{cfg.proxy.batch_size}, {cfg.proxy.epochs} epochs)") from None
+
+
+def dry_run(cfg: S2LConfig) -> str:
+    """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
+    from .config import parse_resources
+    from .models import resolve_bf16
+
+    method = check_config(cfg)
     gpu = cfg.proxy.use_gpu == "true"
     bf16 = resolve_bf16(cfg.proxy.precision, gpu)
     worker = {"CPU": cfg.proxy.cpus_per_worker} | ({"GPU": cfg.proxy.gpus_per_worker} if gpu else {}) \
@@ -360,7 +397,7 @@ def dry_run(cfg: S2LConfig) -> str:
 def select(cfg: S2LConfig) -> dict:
     """The whole selection run; returns the manifest."""
     total = time.time()
-    method = check_method(cfg)
+    method = check_config(cfg)
     run = RunDir(cfg.output)
     cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
     ensure_ray()
@@ -370,6 +407,7 @@ def select(cfg: S2LConfig) -> dict:
     run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])
     corpus = run_corpus(run, cfg)
+    check_sizes(cfg, method, corpus["rows"])
     run_target(run, cfg)
     run_proxy(run, cfg, inputs, corpus)
     if method.clusters:

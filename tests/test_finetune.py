@@ -55,6 +55,12 @@ def zero3(ray_local, selection, demo_small, tmp_path_factory):
                              offload_optimizer=True))
 
 
+@pytest.fixture(scope="module")
+def zero1(ray_local, selection, demo_small, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("zero1"))  # configs/ds_zero1.json
+    return finetune.run(_cfg(selection, demo_small["tokenizer"], out, zero_stage=1, checkpoint_every=0))
+
+
 def _job(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "jobs" / "finetune.py"), *args], cwd=REPO, env=env,
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -182,14 +188,17 @@ def test_training_lowers_loss_and_exports_a_loadable_model(run, request, demo_sm
 
 
 @pytest.mark.slow
-def test_resumed_zero2_equals_uninterrupted_zero3(resumed, zero3):
+@pytest.mark.parametrize("run", ["resumed", "zero1"])
+def test_resumed_zero2_and_zero1_equal_uninterrupted_zero3(run, request, zero3):
     from safetensors.torch import load_file
 
-    a = load_file(str(Path(resumed[0]["model"]) / "model.safetensors"))
+    other = request.getfixturevalue(run)
+    other = other[0] if run == "resumed" else other
+    a = load_file(str(Path(other["model"]) / "model.safetensors"))
     b = load_file(str(Path(zero3["model"]) / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # resumed at the exact position of its data
-    la, lb = ([e["loss"] for e in r["log"] if "loss" in e] for r in (resumed[0], zero3))
+    la, lb = ([e["loss"] for e in r["log"] if "loss" in e] for r in (other, zero3))
     assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
 
 

@@ -73,6 +73,40 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--budget", "0"], r"select\.budgets: 0(\.0)? is neither a whole count >= 1 nor a fraction in \(0, 1\)"),
+    (["--set", "text.template=Question: answer this"], r"text\.template must contain \{prompt\}"),
+    (["--num-workers", "0"], r"proxy\.num_workers must be at least 1, not 0"),
+    (["--set", "proxy.schedule=step"], r"proxy\.schedule must be cosine, linear or constant, not 'step'"),
+    (["--set", "proxy.resources=spot"], r"proxy\.resources"),
+])
+def test_bad_settings_are_refused_on_the_real_path_before_any_work(tmp_path, demo_small, extra, message):
+    """What ``--dry-run`` checks, a real run checks before it reads a row or starts Ray."""
+    proc = _select(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
+                    "--output", str(tmp_path / "r"), *extra], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--budget", "500"], r"select\.budgets: budget 500 is larger than the corpus \(60 examples\)"),  # before points
+    (["--budget", "0.001"], r"select\.budgets: budget fraction 0\.001 of 60 examples selects none"),
+    (["--budget", "30,0.5"], r"select\.budgets \[30(\.0)?, 0\.5\] resolve to repeated counts \[30, 30\]"),
+    ([], r"proxy\.num_points=12 must be between 1 and the 6 training steps \(60 rows over 2 workers in batches "
+         r"of 16, 3 epochs\)"),
+])
+def test_what_the_corpus_size_decides_is_refused_before_the_proxy_trains(tmp_path, demo_small, extra, message):
+    """The budgets and the trajectory points against the stored corpus's rows: refused after the ingest, with
+    nothing trained or scored."""
+    proc = _select(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
+                    "--output", str(tmp_path / "r"), "--budget", "6", *extra], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    run = tmp_path / "r"
+    assert (run / "corpus").is_dir() and not (run / "proxy").exists() and not (run / "trajectories").exists()
+
+
 @pytest.mark.slow
 def test_the_demo_console_is_the_projects_own_lines_once_and_verbose_brings_rays_back(tmp_path):
     """`python jobs/select.py` on a small demo: a few dozen lines, each once, none of Ray's internal warnings or
