@@ -207,6 +207,30 @@ def resolve_paths(cfg: EvaluateConfig) -> tuple[str, str]:
     return model, cfg.output or posixpath.join(run_dir, "eval")
 
 
+PROMPT_FORMAT = ("template", "chat_template")
+
+
+def trained_format(cfg: EvaluateConfig) -> EvaluateConfig:
+    """``cfg`` prompting as the model was fine-tuned: a fine-tuning output's recorded ``text.template`` and
+    ``text.chat_template`` (finetune.json) where ``cfg`` leaves them at their defaults; a setting given
+    explicitly wins."""
+    from .finetune.record import read_summary
+    from .layout import RunDir, exists
+
+    run = RunDir(absolute(cfg.model))
+    if not exists(run.fs, run.path("model", "config.json")):
+        return cfg
+    recorded = ((read_summary(run) or {}).get("config") or {}).get("text") or {}
+    default = TextConfig()
+    take = {k: recorded[k] for k in PROMPT_FORMAT
+            if k in recorded and getattr(cfg.text, k) == getattr(default, k) and recorded[k] != getattr(default, k)}
+    if not take:
+        return cfg
+    log(f"{cfg.model}: prompting as it was fine-tuned (finetune.json): " + ", ".join(f"text.{k}={v!r}"
+                                                                                    for k, v in take.items()))
+    return replace(cfg, text=replace(cfg.text, **take))
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.corpus.path`` (default: the demo eval set); returns the metrics."""
     return run_many([cfg])[0]
@@ -223,6 +247,7 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     from .models import resolve_bf16, resolve_gpu
     from .nodes import check_visible
 
+    cfgs = [trained_format(c) for c in cfgs]
     cfg = cfgs[0]
     for c in cfgs[1:]:
         if replace(c, model=cfg.model, output=cfg.output) != cfg:

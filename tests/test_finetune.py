@@ -253,3 +253,33 @@ def test_a_sweep_is_reused_run_by_run(sweep):
     with pytest.raises(ConfigError, match="share num_workers"):
         finetune.run_many([replace(c, output=f"{c.output}-new", num_workers=n) for c, n in zip(cfgs, (1, 2))],
                           sweep_dir=sweep_dir)
+
+
+@pytest.mark.slow
+def test_evaluation_prompts_a_fine_tuned_model_as_it_was_trained(ray_local, selection, demo_small, tmp_path):
+    """A model fine-tuned with its own template is evaluated through that template (recorded in finetune.json):
+    each row's evaluation loss is the model's loss on the row rendered that way; an explicit template wins."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from s2l_ray import evaluate
+    from s2l_ray.config import EvaluateConfig
+    from s2l_ray.corpus import normalise
+    from s2l_ray.scoring import reference_losses
+
+    template = "### Problem\n{prompt}\n### Solution\n"
+    cfg = _cfg(selection, demo_small["tokenizer"], str(tmp_path / "ft"), zero_stage=2, checkpoint_every=0, epochs=1)
+    summary = finetune.run(replace(cfg, text=replace(cfg.text, template=template)))
+    model = AutoModelForCausalLM.from_pretrained(summary["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(summary["model"])
+    rows = [normalise(json.loads(line), CorpusConfig()) for line in open(demo_small["eval"])][:4]
+    ecfg = EvaluateConfig(model=str(tmp_path / "ft"), output=str(tmp_path / "eval"), max_new_tokens=4, limit=4,
+                          corpus=CorpusConfig(path=demo_small["eval"]), text=TextConfig(max_length=256))
+    for text, out in ((TextConfig(template=template, max_length=256), "eval"),
+                      (TextConfig(template="Q: {prompt}\nA: ", max_length=256), "explicit")):
+        evaluate.run(replace(ecfg, output=str(tmp_path / out),
+                             text=ecfg.text if out == "eval" else text))
+        preds = [json.loads(line) for line in open(tmp_path / out / "predictions.jsonl")]
+        ref = reference_losses(model, tok, rows, text)
+        assert all(math.isclose(p["loss"], r, rel_tol=1e-4) for p, r in zip(preds, ref)), (out, preds, ref)
