@@ -24,6 +24,7 @@ import numpy as np
 import ray
 import torch
 from ray.train import Checkpoint
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import batches
 from .config import ProxyConfig, ScoringConfig, parse_resources
@@ -35,6 +36,10 @@ from .scoring import score_point
 
 class ProxyError(ValueError):
     """The proxy run cannot be planned or scheduled as configured."""
+
+
+class ScoringFailed(RuntimeError):
+    """A trajectory point could not be scored: training stops at its next point rather than run on for nothing."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,8 @@ def train_loop(config: dict) -> None:
 @ray.remote(num_cpus=0, max_concurrency=4)
 class ScoringCoordinator:
     """Receives persisted checkpoints and scores them one after another in a background thread: each point for
-    every run directory given (the corpus, and the target examples) that has not done it yet."""
+    every run directory given (the corpus, and the target examples) that has not done it yet. Once a point fails,
+    the next checkpoint submitted is refused, which ends the training run."""
 
     def __init__(self, runs: list[str], cfg: ScoringConfig, use_gpu: bool, precision: str):
         self.runs = [RunDir(u) for u in runs]
@@ -170,7 +176,8 @@ class ScoringCoordinator:
 
     def submit(self, t: int, step: int, checkpoint: Checkpoint, start_step: int, compute: list[float],
                losses: list[float]) -> None:
-        """A checkpoint training just persisted: record it in the checkpoint index, then score it.
+        """A checkpoint training just persisted: record it in the checkpoint index (a rerun resumes from it), then
+        score it, or raise ``ScoringFailed`` when an earlier point failed.
 
         ``start_step`` is the step the training attempt that made it began at (0, or the
         checkpoint it resumed from after an interruption or a worker failure); ``compute`` the
@@ -179,11 +186,17 @@ class ScoringCoordinator:
         """
         self.runs[0].mark_checkpoint(t, {"step": step, "path": checkpoint.path, "start_step": start_step,
                                          "compute_seconds": compute, "losses": losses})
+        if self.errors:
+            raise ScoringFailed("; ".join(self.errors))
         self.score(t, step, checkpoint)
 
     def score(self, t: int, step: int, checkpoint: Checkpoint) -> None:
         """Queue an already recorded checkpoint for scoring."""
         self.queue.put((t, step, checkpoint))
+
+    def failed(self) -> list[str]:
+        """The points that failed so far, each with its error."""
+        return list(self.errors)
 
     def _work(self) -> None:
         task = ray.remote(num_cpus=0, max_retries=2)(score_point)
@@ -195,15 +208,18 @@ class ScoringCoordinator:
                 log(f"point {t}: {rec['rows']:,} rows scored in {rec['seconds']:.1f}s "
                     f"({rec['rows'] / max(rec['seconds'], 1e-9):,.0f} rows/s)", "scoring")
                 self.results.append({**rec, "runs": todo})
-            except Exception as e:  # reported by finish(); later points still run
-                self.errors.append(f"trajectory point {t}: {e}")
+            except Exception as e:  # noqa: BLE001 - kept for submit() and finish(); later queued points still run
+                cause = getattr(e, "cause", None) or e
+                self.errors.append(f"trajectory point {t}: {type(cause).__name__}: {cause}")
+                log(f"point {t} failed ({type(cause).__name__}: {cause}); training stops at its next point",
+                    "scoring")
 
     def finish(self) -> list[dict]:
-        """Wait for every submitted point; raise if any failed."""
+        """Wait for every submitted point; raise ``ScoringFailed`` if any failed."""
         self.queue.put(None)
         self.thread.join()
         if self.errors:
-            raise RuntimeError("; ".join(self.errors))
+            raise ScoringFailed("; ".join(self.errors))
         return self.results
 
 
@@ -257,7 +273,9 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
                              "score them")
     use_gpu = resolve_gpu(proxy.use_gpu)
     stats["use_gpu"] = use_gpu
-    coordinator = ScoringCoordinator.remote([r.uri for r in runs], scoring, use_gpu, proxy.precision)
+    here = ray.get_runtime_context().get_node_id()  # the driver's node: a lost worker node must not take it along
+    coordinator = ScoringCoordinator.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)) \
+        .remote([r.uri for r in runs], scoring, use_gpu, proxy.precision)
     for t in todo:  # persisted before an interruption (or before this target was given), never scored
         if t in ckpts:
             ray.get(coordinator.score.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
@@ -288,7 +306,12 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
                 failure_config=FailureConfig(max_failures=max_failures),
                 callbacks=[_trajectory_callback(coordinator)]))
         started = time.time()
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception:
+            if failed := ray.get(coordinator.failed.remote()):  # the scorer's error, not Ray Train's wrapping of it
+                raise ScoringFailed(f"scoring failed, so training stopped: {'; '.join(failed)}") from None
+            raise
         stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2),
                      train_compute_seconds=train_compute(run.proxy_checkpoints()))
     stats["scored"] = ray.get(coordinator.finish.remote())

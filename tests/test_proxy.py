@@ -4,6 +4,7 @@ The corpus is the small demo (3 sources, written source by source) stored in 8 p
 """
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +14,7 @@ from s2l_ray import pipeline
 from s2l_ray.config import load_config
 from s2l_ray.layout import TRAJECTORY_SCHEMA, LayoutError, RunDir
 from s2l_ray.models import load_model, load_tokenizer
-from s2l_ray.proxy import ProxyError, make_plan
+from s2l_ray.proxy import ProxyError, ScoringFailed, make_plan
 from s2l_ray.scoring import reference_losses
 
 T = 3
@@ -267,3 +268,41 @@ def test_embedding_target_embeds_every_row_as_the_final_checkpoint_alone_would(p
     picked = pq.read_table(run.selection()).column("id").to_pylist()
     assert sorted(picked) == sorted(stored[i]["id"] for i in np.argsort(-similarity, kind="stable")[:10])
     assert manifest["stages"]["embeddings"]["rows"] == len(stored)
+
+
+def test_a_scoring_failure_ends_the_run_with_the_scorers_error(ray_local, demo_small, tmp_path):
+    """Point 0's files cannot be written (a file stands where its folder goes): the run stops with one error of
+    the project's naming the point and the cause, not Ray Train's wrapping of it."""
+    cfg = config(demo_small, tmp_path / "run")
+    blocked = tmp_path / "run" / "trajectories" / "checkpoint=0"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")
+    with pytest.raises(ScoringFailed, match=r"trajectory point 0: \w+Error") as err:
+        run_stages(cfg)
+    assert pipeline._user_error(err.value) is err.value
+    assert 0 not in RunDir(cfg.output).done_points()
+
+
+def test_after_a_failed_point_the_next_checkpoint_is_recorded_and_refused(ray_local, tmp_path):
+    """The coordinator's side of stopping: once a point has failed, the checkpoint submitted next is recorded (a
+    rerun resumes from it) and refused, which ends the training run."""
+    import ray
+    from ray.train import Checkpoint
+
+    from s2l_ray.config import ScoringConfig
+    from s2l_ray.proxy import ScoringCoordinator
+
+    run = RunDir(str(tmp_path / "run"))
+    run.ensure()
+    coordinator = ScoringCoordinator.remote([run.uri], ScoringConfig(), False, "fp32")
+    coordinator.score.remote(0, 4, Checkpoint(str(tmp_path / "no-such-checkpoint")))
+    deadline = time.time() + 120
+    while not ray.get(coordinator.failed.remote()):
+        assert time.time() < deadline, "point 0 neither scored nor failed within 120 s"
+        time.sleep(0.1)
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"ScoringFailed.*trajectory point 0"):
+        ray.get(coordinator.submit.remote(1, 8, Checkpoint(str(tmp_path / "ckpt1")), 0, [1.0], [2.0]))
+    assert run.proxy_checkpoints()[1]["step"] == 8
+    with pytest.raises(ray.exceptions.RayTaskError, match="ScoringFailed"):
+        ray.get(coordinator.finish.remote())
+    ray.kill(coordinator)
