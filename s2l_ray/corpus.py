@@ -98,9 +98,10 @@ def discover(cfg: CorpusConfig) -> tuple[str, list[str]]:
 
 
 def input_fingerprint(cfg: CorpusConfig) -> str:
-    """A cheap fingerprint of the input files (paths, sizes, modification times) and column mapping."""
+    """A cheap fingerprint of the input files (paths, sizes, modification times) and the settings that decide the
+    stored rows (``piece_mb``, how the input is split for reading, does not)."""
     fmt, files = discover(cfg)
-    parts = [fmt, json.dumps(cfg.__dict__, sort_keys=True)]
+    parts = [fmt, json.dumps({k: v for k, v in cfg.__dict__.items() if k != "piece_mb"}, sort_keys=True)]
     for f in files:
         fs, path = resolve(f)
         if fmt == "hf":

@@ -306,3 +306,18 @@ def test_after_a_failed_point_the_next_checkpoint_is_recorded_and_refused(ray_lo
     with pytest.raises(ray.exceptions.RayTaskError, match="ScoringFailed"):
         ray.get(coordinator.finish.remote())
     ray.kill(coordinator)
+
+
+def test_a_rerun_with_another_piece_size_reuses_the_stored_corpus(proxy_run):
+    """``corpus.piece_mb`` only splits the reading (the stored rows are the same: tests/test_corpus.py), so it is
+    not part of the corpus's identity; ``part_rows``, the unit of scoring, is."""
+    from dataclasses import replace
+
+    cfg, run, corpus, _ = proxy_run
+    cfg, _ = pipeline.prepare_inputs(cfg, run)
+    before = {f: os.path.getmtime(f) for f in run.corpus_files()}
+    other = replace(cfg, corpus=replace(cfg.corpus, piece_mb=cfg.corpus.piece_mb / 1000))
+    assert pipeline.run_corpus(run, other)["fingerprint"] == corpus["fingerprint"]
+    assert {f: os.path.getmtime(f) for f in run.corpus_files()} == before
+    with pytest.raises(LayoutError, match="holds trajectories of another corpus"):
+        pipeline.run_corpus(run, replace(cfg, corpus=replace(cfg.corpus, part_rows=cfg.corpus.part_rows * 2)))
