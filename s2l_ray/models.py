@@ -165,11 +165,30 @@ def resolve_gpu(use_gpu: str) -> bool:
     return use_gpu == "true"
 
 
+# Ray's accelerator types of NVIDIA GPUs below compute capability 8.0, where bf16 is emulated or missing.
+NO_NATIVE_BF16 = ("V100", "P100", "T4", "P4", "K80")
+
+
+def native_bf16(resources: dict | None = None) -> bool:
+    """Whether the GPUs do bf16 natively (compute capability 8.0 or more): this process's GPUs when it has any,
+    else every GPU type the Ray cluster reports (``resources``, default ``ray.cluster_resources()``); with none
+    reported (Ray not started, or an autoscaling cluster before its GPU nodes join) they are taken to."""
+    import ray
+
+    if resources is None and torch.cuda.is_available():
+        return all(torch.cuda.get_device_capability(i) >= (8, 0) for i in range(torch.cuda.device_count()))
+    if resources is None:
+        resources = ray.cluster_resources() if ray.is_initialized() else {}
+    types = {k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")}
+    return not types & set(NO_NATIVE_BF16)
+
+
 def resolve_bf16(precision: str, use_gpu: bool) -> bool:
-    """``precision`` (auto, bf16, fp32) as a decision; auto means bf16 on GPU, fp32 on CPU."""
+    """``precision`` (auto, bf16, fp32) as a decision; auto means bf16 on GPUs that do it natively (A100, L4, H100:
+    compute capability 8.0+), fp32 on older GPUs (T4, V100) and on CPU."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    return precision == "bf16" or (precision == "auto" and use_gpu)
+    return precision == "bf16" or (precision == "auto" and use_gpu and native_bf16())
 
 
 # Special tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi).

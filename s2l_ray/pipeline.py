@@ -182,19 +182,31 @@ def run_target(run: RunDir, cfg: S2LConfig) -> dict | None:
 
 
 def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
+    """Train the proxy and score its trajectory points. ``proxy.precision: auto`` is resolved here, once, for the
+    workers and the scorers alike (bf16 on GPUs that do it natively, fp32 elsewhere), and recorded: a rerun where it
+    resolves otherwise (another kind of node) is refused rather than mixing fp32 and bf16 points."""
+    from dataclasses import replace
+
     from . import proxy
+    from .models import resolve_bf16, resolve_gpu
 
     p = to_dict(cfg.proxy)
-    for perf in ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu"):
+    for perf in ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "precision"):  # precision: below
         p.pop(perf)
     key = stage_key(corpus["fingerprint"], p, cfg.proxy.num_workers)
     rec = run.read_manifest().get("stages", {}).get("proxy")
     if rec and rec.get("key") != key:
         raise LayoutError(f"{run.uri} holds trajectories made with another proxy config (proxy.seed included); "
                           "use a new --output or delete that directory")
-    run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec)}})
+    precision = "bf16" if resolve_bf16(cfg.proxy.precision, resolve_gpu(cfg.proxy.use_gpu)) else "fp32"
+    if rec and rec.get("precision", precision) != precision:
+        raise LayoutError(f"{run.uri} holds trajectories made in {rec['precision']}, and proxy.precision="
+                          f"{cfg.proxy.precision} resolves to {precision} here; set proxy.precision={rec['precision']}"
+                          " to go on with them, or use a new --output")
+    run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec), "precision": precision}})
+    cfg = replace(cfg, proxy=replace(cfg.proxy, precision=precision))
     log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
-        f"{cfg.proxy.num_workers} workers")
+        f"{cfg.proxy.num_workers} workers, {precision}")
     started = time.time()
     target = run.target if cfg.select.target else None
     stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], target=target)
@@ -207,7 +219,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
                 f"({time.time() - started:.1f}s)")
         return stats
     run.update_manifest(proxy=stats, merge=False)  # this run's statistics only, none left from an earlier one
-    _finish(run, "proxy", key, started)
+    _finish(run, "proxy", key, started, precision=precision)
     log(f"proxy: trajectories complete in {run.uri_of('trajectories')} ({time.time() - started:.1f}s; "
         f"reused points {stats['reused_points']})")
     return stats
@@ -249,8 +261,8 @@ def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
     if last is None:
         raise LayoutError(f"{run.checkpoints_index} lists no final proxy checkpoint to embed the rows with")
     started = time.time()
-    done = embed(runs, Checkpoint(last["path"], run.fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu),
-                 cfg.proxy.precision)
+    precision = run.read_manifest()["stages"]["proxy"].get("precision", cfg.proxy.precision)  # the trajectories'
+    done = embed(runs, Checkpoint(last["path"], run.fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu), precision)
     for r in runs:
         _finish(r, "embeddings", key, started, rows=done[r.uri]["rows"],
                 compute_seconds=done[r.uri]["compute_seconds"])

@@ -321,3 +321,28 @@ def test_a_rerun_with_another_piece_size_reuses_the_stored_corpus(proxy_run):
     assert {f: os.path.getmtime(f) for f in run.corpus_files()} == before
     with pytest.raises(LayoutError, match="holds trajectories of another corpus"):
         pipeline.run_corpus(run, replace(cfg, corpus=replace(cfg.corpus, part_rows=cfg.corpus.part_rows * 2)))
+
+
+def test_precision_auto_is_bf16_only_on_gpus_that_do_it_natively():
+    from s2l_ray.models import native_bf16, resolve_bf16
+
+    assert native_bf16({"GPU": 8, "accelerator_type:A100": 1}) and native_bf16({"GPU": 1, "accelerator_type:L4": 1})
+    assert not native_bf16({"GPU": 4, "accelerator_type:T4": 1})  # GCP's N1 nodes: T4 and V100
+    assert not native_bf16({"GPU": 8, "accelerator_type:A100": 1, "accelerator_type:V100": 1})
+    assert native_bf16({"CPU": 0})  # no GPU node yet (an autoscaling cluster): taken to
+    assert not resolve_bf16("auto", use_gpu=False) and resolve_bf16("bf16", use_gpu=False)
+
+
+def test_trajectories_made_in_another_precision_are_refused_not_mixed(proxy_run, demo_small):
+    """A run whose points were made in bf16 (on GPUs) is rerun where ``auto`` resolves to fp32 (here, on CPU): it
+    is refused, naming the setting that goes on with it; the resolved precision is what every run records."""
+    cfg, run, _, _ = proxy_run
+    assert run.read_manifest()["stages"]["proxy"]["precision"] == "fp32"
+    record = run.read_manifest()["stages"]["proxy"]
+    run.update_manifest(stages={"proxy": {**record, "precision": "bf16"}})  # as a GPU run would have recorded
+    try:
+        with pytest.raises(LayoutError, match=r"made in bf16, and proxy.precision=auto resolves to fp32 here; set "
+                                              r"proxy.precision=bf16"):
+            run_stages(cfg)
+    finally:
+        run.update_manifest(stages={"proxy": record})
