@@ -382,6 +382,28 @@ def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
                          f"{cfg.proxy.batch_size}, {cfg.proxy.epochs} epochs)") from None
 
 
+def check_gpus(cfg: S2LConfig) -> None:
+    """On GPUs (as ``proxy.use_gpu`` resolves on the running Ray): refuse two proxy workers sharing a GPU (NCCL
+    refuses two ranks on one device), and say when scoring cannot share the GPUs with training."""
+    import ray
+
+    from .models import resolve_gpu
+    from .proxy import ProxyError
+
+    if not resolve_gpu(cfg.proxy.use_gpu):
+        return
+    if cfg.proxy.num_workers > 1 and cfg.proxy.gpus_per_worker < 1:
+        raise ProxyError(f"proxy.gpus_per_worker={cfg.proxy.gpus_per_worker} with {cfg.proxy.num_workers} workers "
+                         "can put two training ranks on one GPU, which NCCL refuses: give each worker a whole GPU "
+                         "(proxy.gpus_per_worker=1) or train on one worker")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    need = cfg.proxy.num_workers * cfg.proxy.gpus_per_worker + cfg.scoring.gpus_per_actor
+    if gpus and gpus < need:
+        log(f"proxy: training takes {cfg.proxy.num_workers * cfg.proxy.gpus_per_worker:g} of the cluster's {gpus:g} "
+            f"GPUs and a scoring actor asks for {cfg.scoring.gpus_per_actor:g}: the points are scored as GPUs free "
+            "up (after training, unless the cluster adds a GPU node)")
+
+
 def dry_run(cfg: S2LConfig) -> str:
     """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
     from .config import parse_resources
@@ -413,6 +435,7 @@ def select(cfg: S2LConfig) -> dict:
     run = RunDir(cfg.output)
     cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
     ensure_ray()
+    check_gpus(cfg)
     check_visible({"corpus.path": cfg.corpus.path, "select.target": cfg.select.target, "proxy.model": cfg.proxy.model,
                    "text.tokenizer": cfg.text.tokenizer},
                   {"output": run.uri})

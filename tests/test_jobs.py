@@ -79,9 +79,11 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
     (["--num-workers", "0"], r"proxy\.num_workers must be at least 1, not 0"),
     (["--set", "proxy.schedule=step"], r"proxy\.schedule must be cosine, linear or constant, not 'step'"),
     (["--set", "proxy.resources=spot"], r"proxy\.resources"),
+    (["--set", "proxy.use_gpu=true", "--set", "proxy.gpus_per_worker=0.5"],
+     r"proxy\.gpus_per_worker=0\.5 with 2 workers can put two training ranks on one GPU"),
 ])
 def test_bad_settings_are_refused_on_the_real_path_before_any_work(tmp_path, demo_small, extra, message):
-    """What ``--dry-run`` checks, a real run checks before it reads a row or starts Ray."""
+    """What ``--dry-run`` checks, a real run checks before it reads a row (the GPUs' sharing as soon as Ray runs)."""
     proc = _select(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
                     "--output", str(tmp_path / "r"), *extra], tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
