@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -87,12 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = demo.build(DemoConfig(), os.path.join(a.output, "demo"))["tokenizer"]
     data = os.path.join(a.output, f"rows-{a.rows}.jsonl")
     if not os.path.exists(data):  # in a child process, so that the driver's memory below is the stage's alone
-        import multiprocessing
-
         t0 = time.time()
-        child = multiprocessing.get_context("spawn").Process(target=demo.write_word_problems, args=(data, a.rows))
-        child.start()
-        child.join()
+        write = "import sys; from s2l_ray import demo; demo.write_word_problems(sys.argv[1], int(sys.argv[2]))"
+        subprocess.run([sys.executable, "-c", write, data, str(a.rows)], check=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         print(f"wrote {a.rows:,} rows, {os.path.getsize(data) / 2**20:.0f} MiB, in {time.time() - t0:.1f}s")
     run = RunDir(os.path.join(a.output, "run"))
     shutil.rmtree(run.root, ignore_errors=True)

@@ -75,6 +75,8 @@ def cluster(tmp_path_factory, demo_small):
         finally:
             for proc in (node2, head):
                 stop_session(proc.pid)
+                proc.kill()  # the session's leader, `ray start --block`, which stop_session leaves
+                proc.wait()
             if was_up:
                 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 

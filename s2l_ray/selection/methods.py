@@ -133,46 +133,30 @@ def random_per_source(inputs: Inputs, budget: int, rng: np.random.Generator) -> 
 method("random-target-sources", sources=True, split="target", target=True)(random_per_source)
 
 
-@method("length", score="response_tokens")
-def length(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return highest(inputs.scores["response_tokens"], budget)
-
-
-@method("embedding-target", target=True, score="target_similarity")
-def embedding_target(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return highest(inputs.scores["target_similarity"], budget)
-
-
 @method("full", full=True)
 def full(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
     return np.arange(inputs.n)
 
 
-@method("perplexity-low", score="last_loss")
-def perplexity_low(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return lowest(inputs.scores["last_loss"], budget)
+# Methods that rank the rows by one score and keep the budget's worth from one end (or the middle):
+# name -> (score, which rows).
+RANKED = {
+    "length": ("response_tokens", highest),  # the longest responses (arXiv 2410.09335)
+    "embedding-target": ("target_similarity", highest),  # RDS+ (arXiv 2503.01807)
+    "perplexity-low": ("last_loss", lowest),
+    "perplexity-middle": ("last_loss", middle),
+    "perplexity-high": ("last_loss", highest),
+    "confidence": ("confidence_mean", lowest),
+    "variability": ("confidence_std", highest),
+    "learnability": ("learnability", highest),
+}
 
 
-@method("perplexity-middle", score="last_loss")
-def perplexity_middle(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return middle(inputs.scores["last_loss"], budget)
+def _ranked(score: str, rows) -> Callable[[Inputs, int, np.random.Generator], np.ndarray]:
+    def pick(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
+        return rows(inputs.scores[score], budget)
+    return pick
 
 
-@method("perplexity-high", score="last_loss")
-def perplexity_high(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return highest(inputs.scores["last_loss"], budget)
-
-
-@method("confidence", score="confidence_mean")
-def confidence(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return lowest(inputs.scores["confidence_mean"], budget)
-
-
-@method("variability", score="confidence_std")
-def variability(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return highest(inputs.scores["confidence_std"], budget)
-
-
-@method("learnability", score="learnability")
-def learnability(inputs: Inputs, budget: int, rng: np.random.Generator) -> np.ndarray:
-    return highest(inputs.scores["learnability"], budget)
+for _name, (_score, _rows) in RANKED.items():
+    method(_name, score=_score, target=_name.endswith("-target"))(_ranked(_score, _rows))
