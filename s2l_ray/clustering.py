@@ -55,10 +55,10 @@ def cuml_usable() -> bool:
         return False
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, wait: float = 300.0) -> str:
     """``faiss``, or ``cuml`` where the GPUs are: on a Ray cluster with GPUs, a task holding one GPU checks
-    that cuML imports and sees it (the driver may run on a CPU head); ``auto`` falls back to faiss,
-    ``cuml`` is then an error. Without Ray, this process is asked."""
+    that cuML imports and sees it (the driver may run on a CPU head), waiting at most ``wait`` seconds for a
+    GPU to be free; ``auto`` falls back to faiss, ``cuml`` is then an error. Without Ray, this process is asked."""
     import ray
 
     if name not in BACKENDS:
@@ -67,8 +67,15 @@ def resolve_backend(name: str) -> str:
         return name
     if ray.is_initialized():
         gpus = ray.cluster_resources().get("GPU", 0)
-        usable = gpus > 0 and ray.get(ray.remote(cuml_usable).options(num_cpus=0, num_gpus=1).remote())
         where = f"on a GPU node of this cluster ({gpus:g} GPUs)"
+        usable = False
+        if gpus > 0:
+            probe = ray.remote(cuml_usable).options(num_cpus=0, num_gpus=1).remote()
+            try:
+                usable = ray.get(probe, timeout=wait)
+            except ray.exceptions.GetTimeoutError:
+                ray.cancel(probe, force=True)
+                where = f"free within {wait:g} s on this cluster ({gpus:g} GPUs, all held)"
     else:
         usable, where = cuml_usable(), "in this process"
     if usable:

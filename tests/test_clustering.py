@@ -1,13 +1,15 @@
 """clustering: faiss fit and assignment, Ray Data assignment, the run-level stage, the report."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray import clustering as cl
-from s2l_ray.report import png as report
 from s2l_ray import trajectories as tr
+from s2l_ray.report import png as report
 from s2l_ray.config import ClusterConfig
 from s2l_ray.layout import CLUSTERS_SCHEMA, RunDir
 
@@ -75,6 +77,39 @@ def test_without_cuml_auto_is_faiss_and_cuml_is_an_error():
     assert cl.resolve_backend("auto") == "faiss"
     with pytest.raises(cl.ClusteringError, match="needs cuML"):
         cl.resolve_backend("cuml")
+
+
+PROBE = """
+import ray
+from s2l_ray import clustering as cl
+ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+
+@ray.remote(num_gpus=1)
+class Holder:
+    def ready(self):
+        return True
+
+holder = Holder.remote()
+assert ray.get(holder.ready.remote())  # the cluster's only GPU is held
+print("auto:", cl.resolve_backend("auto", wait=3))
+try:
+    cl.resolve_backend("cuml", wait=3)
+except cl.ClusteringError as e:
+    print("cuml:", e)
+"""
+
+
+def test_the_cuml_probe_waits_for_a_free_gpu_only_so_long():
+    """A Ray whose one GPU (declared) is held by an actor: ``auto`` falls back to faiss after the wait, ``cuml``
+    is an error saying no GPU came free, instead of waiting for ever."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "auto: faiss" in proc.stdout
+    assert "cuml: cluster.backend 'cuml' needs cuML" in proc.stdout and "free within 3 s" in proc.stdout
 
 
 @pytest.fixture
