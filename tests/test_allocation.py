@@ -23,13 +23,17 @@ def test_allocate_hand_worked(sizes, budget, expected):
     assert al.allocate(sizes, budget).tolist() == expected
 
 
+def random_size_sets(rng: np.random.Generator, most: int, n: int = 2000):
+    """``n`` draws of 1..``most`` cluster sizes, small, mixed and large, none all empty."""
+    for _ in range(n):
+        sizes = rng.integers(0, rng.choice([3, 30, 3000]), int(rng.integers(1, most)))
+        if sizes.sum() > 0:
+            yield sizes
+
+
 def test_allocate_fills_exactly_and_fairly_for_random_sizes():
     rng = np.random.default_rng(0)
-    for _ in range(2000):
-        k = int(rng.integers(1, 40))
-        sizes = rng.integers(0, rng.choice([3, 30, 3000]), k)
-        if sizes.sum() == 0:
-            continue
+    for sizes in random_size_sets(rng, 40):
         budget = int(rng.integers(0, sizes.sum() + 1))
         counts = al.allocate(sizes, budget)
         assert counts.sum() == budget
@@ -122,11 +126,8 @@ def test_target_weights_hand_worked():
 
 def test_weighted_allocate_fills_exactly_and_keeps_every_share_for_random_sets():
     rng = np.random.default_rng(0)
-    for _ in range(2000):
-        k = int(rng.integers(1, 30))
-        sizes = rng.integers(0, rng.choice([3, 30, 3000]), k)
-        if sizes.sum() == 0:
-            continue
+    for sizes in random_size_sets(rng, 30):
+        k = len(sizes)
         smoothing = float(rng.choice([0.0, 0.05, 0.1, 0.5, 1.0]))
         hits = rng.integers(0, 20, k) * (rng.random(k) < 0.4)  # most clusters get no target example
         weights = al.target_weights(hits, smoothing)
