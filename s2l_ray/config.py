@@ -184,7 +184,7 @@ class FinetuneConfig:
     checkpoint_every: int = 50  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts from the last checkpoint
-    zero_stage: int = 2  # 2 | 3
+    zero_stage: int = 2  # 1 | 2 | 3
     deepspeed_config: str = ""  # DeepSpeed JSON; empty: configs/ds_zero<zero_stage>.json
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
     num_workers: int = 2
