@@ -211,15 +211,13 @@ PROMPT_FORMAT = ("template", "chat_template")
 
 
 def trained_format(cfg: EvaluateConfig) -> EvaluateConfig:
-    """``cfg`` prompting as the model was fine-tuned: a fine-tuning output's recorded ``text.template`` and
+    """``cfg`` prompting as the fine-tuning output ``cfg.model`` was trained: its recorded ``text.template`` and
     ``text.chat_template`` (finetune.json) where ``cfg`` leaves them at their defaults; a setting given
     explicitly wins."""
     from .finetune.record import read_summary
-    from .layout import RunDir, exists
+    from .layout import RunDir
 
     run = RunDir(absolute(cfg.model))
-    if not exists(run.fs, run.path("model", "config.json")):
-        return cfg
     recorded = ((read_summary(run) or {}).get("config") or {}).get("text") or {}
     default = TextConfig()
     take = {k: recorded[k] for k in PROMPT_FORMAT
@@ -247,13 +245,13 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     from .models import resolve_bf16, resolve_gpu
     from .nodes import check_visible
 
-    cfgs = [trained_format(c) for c in cfgs]
+    paths = [resolve_paths(c) for c in cfgs]
+    cfgs = [c if model == absolute(c.model) else trained_format(c) for c, (model, _) in zip(cfgs, paths)]
     cfg = cfgs[0]
     for c in cfgs[1:]:
         if replace(c, model=cfg.model, output=cfg.output) != cfg:
             raise EvaluateError(f"{c.model}: evaluating several models at once needs configs that differ only in "
                                 "model and output")
-    paths = [resolve_paths(c) for c in cfgs]
     data = cfg.corpus.path or demo_paths()["eval"]
     check_visible({"data": data, "text.tokenizer": cfg.text.tokenizer} | {f"model {m}": m for m, _ in paths},
                   {f"output {o}": o for _, o in paths})

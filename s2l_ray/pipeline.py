@@ -365,16 +365,10 @@ def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
     """What the stored corpus's row count decides, checked before the proxy trains: every budget selects 1..rows
     rows, no two the same, and the proxy's training steps hold its trajectory points."""
     from .proxy import ProxyError, make_plan
-    from .selection.allocation import SelectionError, resolve_budget
+    from .selection.allocation import resolve_budgets
 
     if not method.full:
-        try:
-            counts = [resolve_budget(b, rows) for b in cfg.select.budgets]
-        except SelectionError as e:
-            raise SelectionError(f"select.budgets: {e}") from None
-        if len(set(counts)) != len(counts):
-            raise SelectionError(f"select.budgets {cfg.select.budgets} resolve to repeated counts {counts} "
-                                 f"of the corpus's {rows} rows")
+        resolve_budgets(cfg.select.budgets, rows)
     try:
         make_plan(rows, cfg.proxy)
     except ProxyError as e:

@@ -182,7 +182,8 @@ def start_console() -> None:
         _console = None
     if _console is None:
         _console = Console()
-        atexit.register(stop_console)  # before Ray's own exit handler, registered earlier, shuts Ray down
+        atexit.unregister(stop_console)  # once, and after Ray's own exit handler so that it runs before it
+        atexit.register(stop_console)
 
 
 def stop_console() -> None:

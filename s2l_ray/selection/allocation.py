@@ -60,6 +60,17 @@ def resolve_budget(budget: float, n: int) -> int:
     return count
 
 
+def resolve_budgets(budgets: list[float], n: int) -> list[int]:
+    """``select.budgets`` as example counts of a corpus of n (``resolve_budget``), no two the same."""
+    try:
+        counts = [resolve_budget(b, n) for b in budgets]
+    except SelectionError as e:
+        raise SelectionError(f"select.budgets: {e}") from None
+    if len(set(counts)) != len(counts):
+        raise SelectionError(f"select.budgets {budgets} resolve to repeated counts {counts} of the corpus's {n} rows")
+    return counts
+
+
 def _fractions(weights: Sequence | None, k: int) -> list[Fraction]:
     if weights is None:
         return [Fraction(1)] * k

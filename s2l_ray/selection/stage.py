@@ -24,7 +24,7 @@ from ..clustering import codes_of, corpus_sources, nearest, read_centroids
 from ..config import ClusterConfig, SelectConfig
 from ..layout import SELECTION_SCHEMA, RunDir, exists, open_output_atomic, write_parquet_atomic
 from . import methods
-from .allocation import SPLITS, SelectionError, resolve_budget, source_weights
+from .allocation import SPLITS, SelectionError, resolve_budgets, source_weights
 
 
 def read_clusters(run: RunDir, source: RunDir | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -218,9 +218,7 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
     start = time.time()
     inputs, codes, names, info = method_inputs(run, method, cluster_cfg, select_cfg, num_points, clusters)
     n = inputs.n
-    budgets = [n] if method.full else [resolve_budget(b, n) for b in select_cfg.budgets]
-    if len(set(budgets)) != len(budgets):
-        raise SelectionError(f"select.budgets {select_cfg.budgets} resolve to repeated counts {budgets}")
+    budgets = [n] if method.full else resolve_budgets(select_cfg.budgets, n)
     picks = {b: method.pick(inputs, b, np.random.default_rng(seed)) for b in budgets}
     for b, p in picks.items():  # a method's contract, checked: b distinct rows, in corpus order
         if len(p) != b or (len(p) and (p[0] < 0 or p[-1] >= n)) or (np.diff(p) <= 0).any():
