@@ -2,11 +2,13 @@
 
     python jobs/bench_scoring.py --model-shape pythia-70m
     python jobs/bench_scoring.py --model-shape tiny --rows 20000 --reference-rows 2000
+    python jobs/bench_scoring.py --device cuda --rows 20000 --reference-rows 2000   # on a GPU machine
 
 The model is a GPT-NeoX built from config with random weights: ``tiny`` (the demo proxy), or the
 sizes of Pythia-70M / Pythia-160M with their 50,304-token vocabulary. The reference is the
 official S2L loop as it is: one example at a time, ``model(input_ids, labels=...)`` with the full
-LM head over every position, fp32. The scorer is ``scoring.score_rows`` (length buckets, LM head
+LM head over every position, fp32. ``--device cuda`` runs all three on the GPU (the actor pool with one
+actor per GPU, fp32). The scorer is ``scoring.score_rows`` (length buckets, LM head
 and softmax on response positions only) in-process, and ``scoring.score_point`` (the Ray Data
 actor pool, start-up included). Both score the same stored rows.
 
@@ -38,14 +40,21 @@ from s2l_ray.scoring import reference_losses, score_point, score_rows
 VOCAB = {"tiny": 0, "pythia-70m": 50304, "pythia-160m": 50304}
 
 
-def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
-    """This machine's fp32 matmul throughput (FLOP/s) with torch's current threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """The device's fp32 matmul throughput (FLOP/s); on CPU with torch's current threads."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    sync(device)
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def counted_flops(fn) -> int:
@@ -63,7 +72,9 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--output", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args()
+    device = torch.device(a.device)
 
     from transformers import AutoModelForCausalLM
 
@@ -84,28 +95,33 @@ def main() -> None:
         preset_config(a.model_shape, tok, text.max_length, vocab_size=VOCAB[a.model_shape])).eval()
     ckpt_dir = os.path.join(work, "checkpoint")
     save_model(model, None, os.path.join(ckpt_dir, "model"))
+    model.to(device)
     rows = pq.read_table(run.corpus_files(), columns=["id", "prompt", "response", "messages", "input_ids",
                                                       "spans"]).to_pylist()
     params = sum(p.numel() for p in model.parameters())
     print(f"corpus: {n} rows, {stats['tokens']} tokens; model {a.model_shape} ({params / 1e6:.1f}M parameters, "
-          f"vocab {model.config.vocab_size}); torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs")
+          f"vocab {model.config.vocab_size}); torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs; "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
 
     ref_rows = rows[:: max(1, n // a.reference_rows)][: a.reference_rows]  # spread over every source
     norm = [normalise({k: r[k] for k in ("id", "prompt", "response")}, CorpusConfig()) for r in ref_rows]
     start = time.perf_counter()
     ref = reference_losses(model, tok, norm, text)
+    sync(device)
     ref_rate = len(ref_rows) / (time.perf_counter() - start)
 
     ids, spans = [r["input_ids"] for r in rows], [r["spans"] for r in rows]
-    score_rows(model, ids[:64], spans[:64], tok.pad_token_id, a.max_tokens, torch.device("cpu"))  # warm-up
+    score_rows(model, ids[:64], spans[:64], tok.pad_token_id, a.max_tokens, device)  # warm-up
     start = time.perf_counter()
-    local = score_rows(model, ids, spans, tok.pad_token_id, a.max_tokens, torch.device("cpu"))
+    local = score_rows(model, ids, spans, tok.pad_token_id, a.max_tokens, device)
     local_rate = n / (time.perf_counter() - start)
 
-    cfg = ScoringConfig(num_actors=a.actors, cpus_per_actor=max(0.5, (os.cpu_count() - 0.5) / a.actors),
-                        max_tokens=a.max_tokens)
+    gpu = device.type == "cuda"
+    actors = torch.cuda.device_count() if gpu else a.actors
+    cfg = ScoringConfig(num_actors=actors, cpus_per_actor=max(0.5, (os.cpu_count() - 0.5) / actors),
+                        gpus_per_actor=1.0, max_tokens=a.max_tokens)
     start = time.perf_counter()
-    score_point([run.uri], 0, 0, Checkpoint.from_directory(ckpt_dir), cfg, False, "fp32")
+    score_point([run.uri], 0, 0, Checkpoint.from_directory(ckpt_dir), cfg, gpu, "fp32")
     pipe_rate = n / (time.perf_counter() - start)
     got = pq.read_table(run.done_points()[0]["files"], partitioning=None, columns=["id", "loss"]).to_pydict()
     by_id = dict(zip(got["id"], got["loss"]))
@@ -115,10 +131,10 @@ def main() -> None:
     sample = rows[:: max(1, n // 500)][:500]
     with torch.no_grad():
         flops = counted_flops(lambda: score_rows(model, [r["input_ids"] for r in sample], [r["spans"] for r in sample],
-                                                 tok.pad_token_id, a.max_tokens, torch.device("cpu"))) / len(sample)
+                                                 tok.pad_token_id, a.max_tokens, device)) / len(sample)
         sample_norm = [normalise({k: r[k] for k in ("id", "prompt", "response")}, CorpusConfig()) for r in sample[:100]]
         ref_flops = counted_flops(lambda: reference_losses(model, tok, sample_norm, text)) / len(sample_norm)
-    peak = matmul_rate()
+    peak = matmul_rate(device)
 
     def share(rate: float, f: float) -> str:
         return f"{rate * f / 1e9:6.1f} GFLOP/s = {100 * rate * f / peak:3.0f}% of the matmul rate"
@@ -127,9 +143,9 @@ def main() -> None:
           f"{share(ref_rate, ref_flops)}")
     print(f"score_rows in-process (batched)     : {local_rate:8.1f} examples/s, {flops / 1e6:7.1f} MFLOP/example, "
           f"{share(local_rate, flops)}; {local_rate / ref_rate:.1f}x the official loop")
-    print(f"score_point, Ray Data actor pool    : {pipe_rate:8.1f} examples/s ({a.actors} actors, start-up included); "
+    print(f"score_point, Ray Data actor pool    : {pipe_rate:8.1f} examples/s ({actors} actors, start-up included); "
           f"{pipe_rate / ref_rate:.1f}x the official loop")
-    print(f"this CPU's fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s; the response-only head needs "
+    print(f"this {a.device.upper()}'s fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s; the response-only head needs "
           f"{ref_flops / flops:.2f}x fewer FLOPs, so 100% of that rate would be {peak / flops / ref_rate:.1f}x")
     print(f"max |loss difference| vs the official loop: {err:.2e}")
 

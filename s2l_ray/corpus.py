@@ -576,9 +576,22 @@ def _read_staged(uri: str, lo: int, hi: int, columns: list[str] | None = None) -
     return table.select(columns) if columns else table
 
 
-def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, bucket: int) -> list[tuple[int, int]]:
-    """Ray task: among one bucket's id hashes from every piece, the (piece, position) of each row whose
-    id an earlier row already has; equal hashes are confirmed on the staged ids."""
+def _read_positions(uri: str, positions: np.ndarray, columns: list[str]) -> pa.Table:
+    """Staged rows at the sorted ``positions`` of a piece (``columns`` only), each record batch that holds any of
+    them read once."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        reader = pa.ipc.open_file(f)
+        tables = []
+        for b in np.unique(positions // STAGE_BATCH):
+            batch = pa.Table.from_batches([reader.get_batch(int(b))]).select(columns)
+            tables.append(batch.take(positions[positions // STAGE_BATCH == b] - b * STAGE_BATCH))
+    return pa.concat_tables(tables)
+
+
+def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, bucket: int) -> list[tuple[int, int, str]]:
+    """Ray task: among one bucket's id hashes from every piece, ``(piece, position, id)`` of each row whose
+    id an earlier row already has; equal hashes are confirmed on the staged ids (read once per piece)."""
     import io
 
     from .layout import RunDir
@@ -593,23 +606,26 @@ def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, bucket: int) ->
     order = np.lexsort((rec["pos"], piece_of, rec["h"]))  # by hash, then input order
     h = rec["h"][order]
     same = np.flatnonzero(h[1:] == h[:-1])
-    groups: dict[int, list[tuple[int, int]]] = {}
-    for i in np.unique(np.concatenate([same, same + 1])):
-        groups.setdefault(int(h[i]), []).append((int(piece_of[order[i]]), int(rec["pos"][order[i]])))
-    out: list[tuple[int, int]] = []
-    for rows in groups.values():
-        first: dict[str, tuple[int, int]] = {}
-        for p, pos in rows:
-            row = _read_staged(_staged(run, p), pos, pos + 1, ["id", "at"]).to_pylist()[0]
-            if row["id"] not in first:
-                first[row["id"]] = (p, row["at"])
-            elif strict:
-                fp, fat = first[row["id"]]
-                raise CorpusError(f"{_where(pieces[p], row['at'])}: {STRICT_MESSAGES['duplicate_id']} {row['id']!r}, "
-                                  f"first at {_where(pieces[fp], fat)}; corpus.strict is true (false drops such rows "
-                                  "and counts them)")
-            else:
-                out.append((p, pos))
+    members = order[np.unique(np.concatenate([same, same + 1]))]  # rows sharing a hash, by hash then input order
+    staged: dict[tuple[int, int], dict] = {}
+    for p in np.unique(piece_of[members]):
+        pos = np.sort(rec["pos"][members[piece_of[members] == p]]).astype(np.int64)
+        for q, row in zip(pos, _read_positions(_staged(run, int(p)), pos, ["id", "at"]).to_pylist()):
+            staged[int(p), int(q)] = row
+    out: list[tuple[int, int, str]] = []
+    first: dict[tuple[int, str], tuple[int, int]] = {}
+    for i in members:
+        p, pos = int(piece_of[i]), int(rec["pos"][i])
+        row = staged[p, pos]
+        if (int(rec["h"][i]), row["id"]) not in first:
+            first[int(rec["h"][i]), row["id"]] = (p, row["at"])
+        elif strict:
+            fp, fat = first[int(rec["h"][i]), row["id"]]
+            raise CorpusError(f"{_where(pieces[p], row['at'])}: {STRICT_MESSAGES['duplicate_id']} {row['id']!r}, "
+                              f"first at {_where(pieces[fp], fat)}; corpus.strict is true (false drops such rows "
+                              "and counts them)")
+        else:
+            out.append((p, pos, row["id"]))
     return out
 
 
@@ -663,14 +679,13 @@ def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> l
 
 
 def _map_in_order(task, calls, on_result=None) -> list:
-    """``task.remote(*args)`` for each ``args`` in ``calls``, at most two per cluster CPU in flight; the results
+    """``task.remote(*args)`` for each ``args`` in ``calls``, at most two per cluster CPU (as it is now) in flight; the results
     in order, so the first failing call in input order is the one raised (``on_result`` sees them as they come). On a failure nothing more is
     submitted and the calls in flight are waited for, so that none still writes when the caller cleans up.
     They are not cancelled: ``ray.cancel`` racing a task's completion aborts the owner process in Ray 2.x
     ("Tried to complete task that was not pending", ray-project/ray#54846)."""
     import ray
 
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     results, flight = [], collections.deque()
     try:
         def take() -> None:
@@ -680,7 +695,7 @@ def _map_in_order(task, calls, on_result=None) -> list:
 
         for args in calls:
             flight.append(task.remote(*args))
-            if len(flight) >= window:
+            if len(flight) >= max(2, 2 * int(ray.cluster_resources().get("CPU", 0))):  # nodes may join meanwhile
                 take()
         while flight:
             take()
@@ -714,16 +729,15 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
         results = _map_in_order(ingest, ((p, cfg, text, tokenizer, run.uri, buckets) for p in pieces),
                                 Progress(len(pieces), "pieces", "corpus", lambda rs: f"{sum(r['rows'] for r in rs):,} rows"))
         find = ray.remote(_duplicates).options(num_cpus=1, scheduling_strategy="SPREAD")
+        found = sorted(f for fs in _map_in_order(find, ((pieces, run.uri, cfg.strict, b) for b in range(buckets)))
+                       for f in fs)
         drops: dict[int, list[int]] = {}
-        for found in _map_in_order(find, ((pieces, run.uri, cfg.strict, b) for b in range(buckets))):
-            for p, pos in found:
-                drops.setdefault(p, []).append(pos)
         dropped = Drops()
         for r in results:
             dropped.merge(r["dropped"], r["examples"])
-        for p, positions in sorted(drops.items()):
-            for pos in sorted(positions):
-                dropped.add("duplicate_id", _read_staged(_staged(run, p), pos, pos + 1, ["id"]).column("id")[0].as_py())
+        for p, pos, rid in found:  # the ids came with the positions: nothing is read here
+            drops.setdefault(p, []).append(pos)
+            dropped.add("duplicate_id", rid)
         write = ray.remote(_write_part).options(num_cpus=1, scheduling_strategy="SPREAD")
         parts = _map_in_order(write, ((run.uri, n, start, segs) for n, (start, segs) in
                                       enumerate(_segments([r["rows"] for r in results], drops, part_rows))))

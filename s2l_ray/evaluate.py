@@ -243,7 +243,7 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
 
     from .finetune import demo_paths
     from .models import resolve_bf16, resolve_gpu
-    from .nodes import check_visible
+    from .nodes import autoscaling, check_visible
 
     paths = [resolve_paths(c) for c in cfgs]
     cfgs = [c if model == absolute(c.model) else trained_format(c) for c, (model, _) in zip(cfgs, paths)]
@@ -258,8 +258,11 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     rows = load_rows(data, cfg)
     use_gpu = resolve_gpu(cfg.use_gpu)
     actors = cfg.num_actors
-    if use_gpu:  # no more actors than the cluster's GPUs can hold
+    growing = autoscaling()
+    if use_gpu and not growing:  # no more actors than the cluster's GPUs can hold
         actors = min(actors, max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.gpus_per_actor)))
+    # on a cluster that may grow, the pool starts with one actor and grows as nodes join
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=actors) if growing else ray.data.ActorPoolStrategy(size=actors)
     log(f"{len(rows)} rows of {data}; {len(cfgs)} model(s) ({paths[0][0]}{', ...' if len(cfgs) > 1 else ''}); "
         f"{actors} actors on {'GPU' if use_gpu else 'CPU'}")
     started = time.time()
@@ -272,7 +275,7 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
                                    text=cfg.text, max_new_tokens=cfg.max_new_tokens, stop=stop_strings(cfg),
                                    use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu),
                                    ordered_lists=cfg.ordered_lists),
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+        compute=pool, num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor if use_gpu else 0,
         resources=parse_resources(cfg.resources, "evaluate.resources") or None)
     by_model: dict[str, list[dict]] = {}

@@ -154,14 +154,22 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def resolve_gpu(use_gpu: str) -> bool:
-    """``use_gpu`` (auto, true, false) as a decision; auto means the Ray cluster has GPUs."""
+def resolve_gpu(use_gpu: str, name: str = "use_gpu") -> bool:
+    """``use_gpu`` (auto, true, false) as a decision; auto means the Ray cluster has GPUs. Before any worker node
+    has joined an autoscaling cluster that is unknown, and auto is refused rather than taken as CPU."""
     import ray
 
+    from .nodes import awaiting_workers
+
     if use_gpu not in ("auto", "true", "false"):
-        raise ConfigError(f"use_gpu must be auto, true or false, not {use_gpu!r}")
+        raise ConfigError(f"{name} must be auto, true or false, not {use_gpu!r}")
     if use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return True
+        if awaiting_workers():
+            raise ConfigError(f"{name}=auto: no worker node has joined this cluster yet, so whether its nodes have "
+                              f"GPUs is unknown; set {name} to true or false")
+        return False
     return use_gpu == "true"
 
 

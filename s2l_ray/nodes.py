@@ -5,7 +5,8 @@ they fail deep inside a stage, on another node. ``check_visible`` asks every nod
 output goes to gets a marker file written by the driver, which a task pinned to each node must
 read back; an input (corpus, model, tokenizer) must show the same size and modification time (a
 directory: the same names and sizes) on every node. A cluster counts as several nodes when it
-has more than one, or when its only node has no CPU (its work runs on nodes still to come).
+has more than one, or when its only node has no CPU; while no node with a CPU or GPU has joined
+(an autoscaling cluster at job start), no node can vouch for a local path and every one is refused.
 """
 from __future__ import annotations
 
@@ -42,6 +43,22 @@ def _look(inputs: dict[str, str], markers: dict[str, str]) -> dict[str, list | b
     return out
 
 
+def awaiting_workers() -> bool:
+    """No alive node has a CPU or a GPU: the cluster's work runs on nodes its autoscaler has yet to start (the head
+    of ``cluster.yaml`` has none)."""
+    import ray
+
+    return not any(n.get("Resources", {}).get(r, 0) > 0 for n in ray.nodes() if n.get("Alive") for r in ("CPU", "GPU"))
+
+
+def autoscaling() -> bool:
+    """The cluster may still grow: its autoscaler posts a status to the GCS, or no worker node has joined yet."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return awaiting_workers() or bool(_internal_kv_get(DEBUG_AUTOSCALING_STATUS))
+
+
 def several_nodes() -> list[dict]:
     """The alive nodes when the cluster has several (see the module doc), else []."""
     import ray
@@ -60,6 +77,11 @@ def check_visible(inputs: dict[str, str], outputs: dict[str, str]) -> None:
 
     inputs = {k: os.path.abspath(p) for k, p in inputs.items() if p and "://" not in p}
     outputs = {k: os.path.abspath(p) for k, p in outputs.items() if p and "://" not in p}
+    if (inputs or outputs) and awaiting_workers():
+        k, p = next(iter({**inputs, **outputs}.items()))
+        raise NodeError(f"{k} {p} is a local path, and no node that runs this job's work has joined the cluster yet "
+                        "(its head has no CPUs; worker nodes start on demand), so none can vouch for it: give it as a "
+                        "URI (s3://...) or as a directory on a mount that every node shares")
     nodes = several_nodes() if inputs or outputs else []
     if not nodes:
         return

@@ -376,6 +376,17 @@ def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
                          f"{cfg.proxy.batch_size}, {cfg.proxy.epochs} epochs)") from None
 
 
+def resolve_device(cfg: S2LConfig) -> S2LConfig:
+    """``proxy.use_gpu`` decided once, on the running Ray, for training, scoring and embeddings alike (an autoscaling
+    cluster's GPU nodes joining mid-run change nothing)."""
+    from dataclasses import replace
+
+    from .models import resolve_gpu
+
+    gpu = resolve_gpu(cfg.proxy.use_gpu, "proxy.use_gpu")
+    return replace(cfg, proxy=replace(cfg.proxy, use_gpu="true" if gpu else "false"))
+
+
 def check_gpus(cfg: S2LConfig) -> None:
     """On GPUs (as ``proxy.use_gpu`` resolves on the running Ray): refuse two proxy workers sharing a GPU (NCCL
     refuses two ranks on one device), and say when scoring cannot share the GPUs with training."""
@@ -429,6 +440,7 @@ def select(cfg: S2LConfig) -> dict:
     run = RunDir(cfg.output)
     cfg, inputs = prepare_inputs(cfg, run)  # bad paths fail here, before Ray starts
     ensure_ray()
+    cfg = resolve_device(cfg)
     check_gpus(cfg)
     check_visible({"corpus.path": cfg.corpus.path, "select.target": cfg.select.target, "proxy.model": cfg.proxy.model,
                    "text.tokenizer": cfg.text.tokenizer},
@@ -451,13 +463,14 @@ def select(cfg: S2LConfig) -> dict:
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
-    """The project's own error behind ``exc`` (Ray wraps errors raised in tasks and actors)."""
+    """The project's own error behind ``exc``: ``exc`` itself or what it was raised from (``__cause__``, or Ray's
+    ``cause`` for errors raised in tasks and actors); never an error that was merely being handled."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if type(exc).__module__.startswith("s2l_ray"):
             return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc = getattr(exc, "cause", None) or exc.__cause__
     return None
 
 

@@ -247,10 +247,11 @@ def reference_losses(model: torch.nn.Module, tokenizer: Any, rows: list[dict], t
 
     chat = chat_template(tokenizer, text.chat_template)
     out = np.empty(len(rows), np.float32)
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for i, r in enumerate(rows):
             enc = tokenize(tokenizer, chat, [r], text, [f"row {i}"])
             ids = enc["input_ids"][0]
-            labels = torch.tensor([labels_from(ids, enc["spans"][0])])
-            out[i] = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+            labels = torch.tensor([labels_from(ids, enc["spans"][0])], device=device)
+            out[i] = model(input_ids=torch.tensor([ids], device=device), labels=labels).loss.item()
     return out

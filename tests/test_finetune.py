@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,14 @@ def _tail(log: Path) -> str:
     return "\n".join(log.read_text().splitlines()[-40:])
 
 
+def recorded(out: str) -> dict | None:
+    """The latest checkpoint of a run in progress; None also while Ray Train is writing its record (not atomic)."""
+    try:
+        return finetune.latest_checkpoint(out)
+    except finetune.FinetuneError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def resumed(ray_local, selection, demo_small, tmp_path_factory):
     """The ZeRO-2 job killed after its first recorded checkpoint, then rerun: (summary, checkpoint step, log)."""
@@ -83,7 +92,7 @@ def resumed(ray_local, selection, demo_small, tmp_path_factory):
     proc = _job(args, log, env)
     try:
         deadline = time.time() + 300
-        while finetune.latest_checkpoint(str(out)) is None:
+        while recorded(str(out)) is None:
             assert proc.poll() is None, f"the job ended before its first checkpoint:\n{_tail(log)}"
             assert time.time() < deadline, f"no checkpoint within 300s:\n{_tail(log)}"
             time.sleep(0.1)
@@ -94,6 +103,16 @@ def resumed(ray_local, selection, demo_small, tmp_path_factory):
     rerun = _job(args, log, env)
     assert rerun.wait(timeout=400) == 0, f"the rerun failed:\n{_tail(log)}"
     return json.loads((out / "finetune.json").read_text()), checkpoint["step"], out
+
+
+def test_an_unreadable_checkpoint_record_is_an_error_not_a_restart(tmp_path):
+    assert finetune.latest_checkpoint(str(tmp_path)) is None
+    (tmp_path / "train").mkdir()
+    assert finetune.latest_checkpoint(str(tmp_path)) is None  # Ray Train made the folder, recorded nothing yet
+    record = tmp_path / "train" / "checkpoint_manager_snapshot.json"
+    record.write_text('{"checkpoint_results": [')  # cut off
+    with pytest.raises(finetune.FinetuneError, match=re.escape(str(record)) + ".*cannot be read"):
+        finetune.latest_checkpoint(str(tmp_path))
 
 
 def test_plan_and_deepspeed_config():

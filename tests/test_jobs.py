@@ -130,3 +130,26 @@ def test_the_demo_console_is_the_projects_own_lines_once_and_verbose_brings_rays
     verbose = _select([*small, "--verbose"], tmp_path, timeout=900)
     assert verbose.returncode == 0, verbose.stderr[-2000:]
     assert re.search(r"Started a local Ray instance|Starting execution of Dataset", verbose.stdout + verbose.stderr)
+
+
+def test_an_error_raised_while_handling_ours_is_not_reported_as_ours():
+    """``main`` reports the project's error behind what it was raised from, never one that was merely being handled
+    when an internal failure happened (that one keeps its traceback)."""
+    from s2l_ray.config import ConfigError
+    from s2l_ray.pipeline import main
+
+    def internal_failure_while_handling():
+        try:
+            raise ConfigError("a user error")
+        except ConfigError:
+            raise KeyError("an internal failure")  # noqa: B904 - the point of the test
+
+    def wrapped():
+        try:
+            raise ConfigError("a user error")
+        except ConfigError as e:
+            raise RuntimeError("a wrapper") from e
+
+    with pytest.raises(KeyError):
+        main(internal_failure_while_handling)
+    assert main(wrapped) == 2

@@ -20,6 +20,7 @@ import tempfile
 import pyarrow.fs as pafs
 
 from ..layout import RunDir, exists, read_json, write_json_atomic
+from .plan import FinetuneError
 
 RUN_NAME = "train"  # Ray Train run name under <output>: fixed, so that a rerun resumes its record
 STATE_FILE = "trainer_state.json"
@@ -61,17 +62,22 @@ def export(module, state_dict: dict, tokenizer, state: dict, run: RunDir) -> Non
 
 
 def latest_checkpoint(output: str) -> dict | None:
-    """The latest checkpoint Ray Train recorded for the run in ``output``: ``{"step", "path"}``, or None."""
+    """The latest checkpoint Ray Train recorded for the run in ``output``: ``{"step", "path"}``, or None when it has
+    recorded none; a record that cannot be read is an error naming it."""
     from ray.train import Result
+
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
     run = RunDir(output)
     path = run.path(RUN_NAME)
-    if not exists(run.fs, path):
-        return None
+    if not exists(run.fs, posixpath.join(path, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)):
+        return None  # no checkpoint recorded yet
     try:
         result = Result.from_path(path, storage_filesystem=run.fs)
-    except (RuntimeError, ValueError):  # no run record yet, or one being written
-        return None
+    except Exception as e:  # noqa: BLE001 - whatever it is, resuming from step 0 would hide it
+        raise FinetuneError(f"{run.uri_of(RUN_NAME, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)}: Ray Train's checkpoint "
+                            f"record cannot be read ({type(e).__name__}: {e}); delete {run.uri_of(RUN_NAME)} to train "
+                            "from step 0") from e
     if result.checkpoint is None:
         return None
     return {"step": int((result.metrics or {}).get("step", -1)), "path": result.checkpoint.path}
