@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(a.output, name)
         pipeline.select(load_config(None, {
             "output": out, "corpus.path": data, "text.tokenizer": paths["tokenizer"], "proxy.epochs": 1,
-            "proxy.num_points": a.points, "proxy.cpus_per_worker": 0.5, "proxy.lr": 3e-3, "cluster.k": a.clusters,
+            "proxy.num_points": a.points, "proxy.workers.cpus": 0.5, "proxy.lr": 3e-3, "cluster.k": a.clusters,
             "select.budgets": "0.1"}))
         run = RunDir(out)
         corpus = pq.read_table(run.corpus_files(), columns=["id", "source"]).to_pandas().set_index("id")

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     m = pipeline.select(load_config(None, {
         "output": out, "corpus.path": data, "text.tokenizer": tokenizer, "proxy.epochs": a.epochs,
-        "proxy.num_points": a.points, "proxy.cpus_per_worker": 0.5, "proxy.lr": 3e-3, "cluster.k": 100,
+        "proxy.num_points": a.points, "proxy.workers.cpus": 0.5, "proxy.lr": 3e-3, "cluster.k": 100,
         "select.budgets": "0.1"}))
     wall = time.time() - started
     ray.shutdown()

@@ -31,7 +31,7 @@ from ray.train import Checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from s2l_ray import demo
-from s2l_ray.config import CorpusConfig, DemoConfig, ScoringConfig, TextConfig
+from s2l_ray.config import CorpusConfig, DemoConfig, Placement, ScoringConfig, TextConfig
 from s2l_ray.corpus import store
 from s2l_ray.layout import RunDir
 from s2l_ray.models import load_tokenizer, preset_config, save_model
@@ -118,8 +118,8 @@ def main() -> None:
 
     gpu = device.type == "cuda"
     actors = torch.cuda.device_count() if gpu else a.actors
-    cfg = ScoringConfig(num_actors=actors, cpus_per_actor=max(0.5, (os.cpu_count() - 0.5) / actors),
-                        gpus_per_actor=1.0, max_tokens=a.max_tokens)
+    cfg = ScoringConfig(actors=Placement(count=actors, cpus=max(0.5, (os.cpu_count() - 0.5) / actors), gpus=1.0),
+                        max_tokens=a.max_tokens)
     start = time.perf_counter()
     score_point([run.uri], 0, 0, Checkpoint.from_directory(ckpt_dir), cfg, gpu, "fp32")
     pipe_rate = n / (time.perf_counter() - start)

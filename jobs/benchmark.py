@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from s2l_ray import pipeline
+from s2l_ray import cli
 from s2l_ray.config import BenchmarkConfig, load_config, parse_sets
 
 CPU_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=BenchmarkConfig)
         print(benchmark.dry_run(cfg)) if a.dry_run else benchmark.run(cfg)
 
-    return pipeline.main(body, verbose=a.verbose)
+    return cli.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

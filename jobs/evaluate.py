@@ -12,7 +12,7 @@ import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
 import argparse
 import sys
 
-from s2l_ray import pipeline
+from s2l_ray import cli, pipeline
 from s2l_ray.config import EvaluateConfig, load_config, parse_sets
 
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     overrides = {"model": a.model, "corpus.path": a.data, "output": a.output, "max_new_tokens": a.max_new_tokens,
-                 "limit": a.limit, "batch_size": a.batch_size, "num_actors": a.num_actors}
+                 "limit": a.limit, "batch_size": a.batch_size, "actors.count": a.num_actors}
 
     def body() -> None:
         from s2l_ray import evaluate
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.ensure_ray()
         evaluate.run(cfg)
 
-    return pipeline.main(body, verbose=a.verbose)
+    return cli.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from s2l_ray import pipeline
+from s2l_ray import cli, pipeline
 from s2l_ray.config import FinetuneConfig, load_config, parse_sets
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"corpus.path": a.data, "budget": a.budget, "model": a.model, "output": a.output,
                  "epochs": a.epochs, "lr": a.lr, "micro_batch_size": a.micro_batch_size, "grad_accum": a.grad_accum,
                  "checkpoint_every": a.checkpoint_every, "zero_stage": a.zero_stage,
-                 "offload_optimizer": a.offload_optimizer, "num_workers": a.num_workers}
+                 "offload_optimizer": a.offload_optimizer, "workers.count": a.num_workers}
 
     def body() -> None:
         from s2l_ray import finetune
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.ensure_ray()
         finetune.run(cfg)
 
-    return pipeline.main(body, verbose=a.verbose)
+    return cli.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

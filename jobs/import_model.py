@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 
-from s2l_ray import pipeline
+from s2l_ray import cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ModelError(str(e).replace(full, a.gguf)) from None
         print(f"wrote {a.output}", flush=True)
 
-    return pipeline.main(body)
+    return cli.main(body)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from s2l_ray import pipeline
+from s2l_ray import cli, pipeline
 from s2l_ray.config import load_config, parse_sets
 from s2l_ray.selection.methods import METHODS
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     overrides = {"corpus.path": a.data, "output": a.output, "select.budgets": a.budget, "select.method": a.method,
                  "select.target": a.target,
-                 "seed": a.seed, "cluster.k": a.clusters, "proxy.num_workers": a.num_workers,
+                 "seed": a.seed, "cluster.k": a.clusters, "proxy.workers.count": a.num_workers,
                  "proxy.model": a.proxy_model}
     config = a.config
     if config is None and a.data is None:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, {**overrides, **parse_sets(a.set)})
         print(pipeline.dry_run(cfg)) if a.dry_run else pipeline.select(cfg)
 
-    return pipeline.main(body, verbose=a.verbose)
+    return cli.main(body, verbose=a.verbose)
 
 
 if __name__ == "__main__":

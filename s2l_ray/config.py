@@ -81,6 +81,22 @@ class TextConfig:
 
 
 @dataclass
+class Placement:
+    """Where a stage's Ray workers (or actors) run, and how many: the one shape of the proxy's workers, the scoring
+    actors, fine-tuning's workers and evaluation's actors."""
+
+    count: int = 1
+    cpus: float = 1.0  # logical CPUs each reserves; torch threads = max(1, int(this))
+    gpus: float = 1.0  # used only on GPU; below 1 shares a GPU
+    resources: list[str] = field(default_factory=list)  # custom Ray resources each, NAME=AMOUNT (pinning to nodes)
+
+    def ray_resources(self, gpu: bool, where: str) -> dict[str, float]:
+        """What each asks Ray for: its CPUs, its GPUs when on GPU, its custom resources (checked, named by ``where``)."""
+        return {"CPU": self.cpus} | ({"GPU": self.gpus} if gpu else {}) | parse_resources(self.resources,
+                                                                                        f"{where}.resources")
+
+
+@dataclass
 class ProxyConfig:
     """The small proxy model and its Ray Train fine-tuning run."""
 
@@ -94,12 +110,11 @@ class ProxyConfig:
     weight_decay: float = 0.0
     batch_size: int = 16  # per worker
     num_points: int = 12  # T: trajectory points spread evenly over training
-    num_workers: int = 2
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    cpus_per_worker: float = 1.0  # logical CPUs a worker reserves; torch threads = max(1, int(this))
-    gpus_per_worker: float = 1.0  # below 1 (e.g. 0.75) leaves room for scoring actors on the same GPUs
-    resources: list[str] = field(default_factory=list)  # custom Ray resources per worker, NAME=AMOUNT (pinning)
+    # Ray Train workers (count: part of the trajectories' key, it fixes the training order); gpus below 1 would put
+    # two ranks on one GPU, which NCCL refuses
+    workers: Placement = field(default_factory=lambda: Placement(count=2, cpus=1.0, gpus=1.0))
 
 
 @dataclass
@@ -107,10 +122,8 @@ class ScoringConfig:
     """The Ray Data batch-scoring job run at every trajectory point."""
 
     max_tokens: int = 8192  # padded tokens in one forward pass
-    num_actors: int = 1
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.25  # used only when the proxy runs on GPU
-    resources: list[str] = field(default_factory=list)  # custom Ray resources per actor, NAME=AMOUNT (pinning)
+    # Ray Data actors; on GPU (as the proxy runs) a quarter GPU each, beside the proxy's workers when they leave room
+    actors: Placement = field(default_factory=lambda: Placement(count=1, cpus=0.5, gpus=0.25))
 
 
 @dataclass
@@ -187,12 +200,9 @@ class FinetuneConfig:
     zero_stage: int = 2  # 1 | 2 | 3
     deepspeed_config: str = ""  # DeepSpeed JSON; empty: configs/ds_zero<zero_stage>.json
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
-    num_workers: int = 2
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    cpus_per_worker: float = 1.0  # torch threads per worker = max(1, int(this))
-    gpus_per_worker: float = 1.0
-    resources: list[str] = field(default_factory=list)  # custom Ray resources per worker, NAME=AMOUNT (pinning)
+    workers: Placement = field(default_factory=lambda: Placement(count=2, cpus=1.0, gpus=1.0))  # Ray Train workers
     length_window: int = 1  # >1: rows grouped by length within windows of this many micro-batches (less padding)
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
     text: TextConfig = field(default_factory=TextConfig)
@@ -217,10 +227,8 @@ class EvaluateConfig:
     max_new_tokens: int = 256
     limit: int = 0  # evaluate the first N rows only; 0: all
     batch_size: int = 32  # rows per generate() call
-    num_actors: int = 2
-    cpus_per_actor: float = 0.5  # fractional, so that Ray Data read tasks still get a CPU
-    gpus_per_actor: float = 1.0  # used only on GPU
-    resources: list[str] = field(default_factory=list)  # custom Ray resources per actor, NAME=AMOUNT (pinning)
+    # Ray Data actors (cpus fractional, so that read tasks still get a CPU)
+    actors: Placement = field(default_factory=lambda: Placement(count=2, cpus=0.5, gpus=1.0))
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -336,13 +344,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ConfigError naming the valid ones."""
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ConfigError naming the valid ones. A mapping for a
+    nested config overlays that field's own default (``scoring: {actors: {count: 4}}`` keeps the actors' cpus)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {list(fields)}")
+    out = {}
+    for k, v in data.items():
+        f = fields[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            v = {**to_dict(f.default_factory()), **v}
+        out[k] = _coerce(v, hints[k], f"{where}.{k}")
+    return cls(**out)
 
 
 def to_dict(cfg: Any) -> dict:

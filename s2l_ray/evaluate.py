@@ -257,10 +257,10 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
                   {f"output {o}": o for _, o in paths})
     rows = load_rows(data, cfg)
     use_gpu = resolve_gpu(cfg.use_gpu)
-    actors = cfg.num_actors
+    actors = cfg.actors.count
     growing = autoscaling()
     if use_gpu and not growing:  # no more actors than the cluster's GPUs can hold
-        actors = min(actors, max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.gpus_per_actor)))
+        actors = min(actors, max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.actors.gpus)))
     # on a cluster that may grow, the pool starts with one actor and grows as nodes join
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=actors) if growing else ray.data.ActorPoolStrategy(size=actors)
     log(f"{len(rows)} rows of {data}; {len(cfgs)} model(s) ({paths[0][0]}{', ...' if len(cfgs) > 1 else ''}); "
@@ -275,9 +275,8 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
                                    text=cfg.text, max_new_tokens=cfg.max_new_tokens, stop=stop_strings(cfg),
                                    use_gpu=use_gpu, bf16=resolve_bf16(cfg.precision, use_gpu),
                                    ordered_lists=cfg.ordered_lists),
-        compute=pool, num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor if use_gpu else 0,
-        resources=parse_resources(cfg.resources, "evaluate.resources") or None)
+        compute=pool, num_cpus=cfg.actors.cpus, num_gpus=cfg.actors.gpus if use_gpu else 0,
+        resources=parse_resources(cfg.actors.resources, "actors.resources") or None)
     by_model: dict[str, list[dict]] = {}
     done: list[dict] = []
     progress = Progress(len(items), "rows", "evaluate")

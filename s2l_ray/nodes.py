@@ -52,11 +52,13 @@ def awaiting_workers() -> bool:
 
 
 def autoscaling() -> bool:
-    """The cluster may still grow: its autoscaler posts a status to the GCS, or no worker node has joined yet."""
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-    from ray.experimental.internal_kv import _internal_kv_get
+    """The head runs no work (no CPU or GPU), the shape of ``cluster.yaml``: the worker nodes come and go with the
+    autoscaler, so the nodes present now are not what the job will get. (Ray's monitor posts a status on every
+    cluster, a local one included, so that status cannot tell.)"""
+    import ray
 
-    return awaiting_workers() or bool(_internal_kv_get(DEBUG_AUTOSCALING_STATUS))
+    heads = [n["Resources"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    return any(not (h.get("CPU", 0) or h.get("GPU", 0)) for h in heads)
 
 
 def several_nodes() -> list[dict]:

@@ -12,7 +12,6 @@ import platform
 import posixpath
 import sys
 import time
-from typing import Any
 
 from . import __version__
 from .config import ConfigError, S2LConfig, to_dict
@@ -21,6 +20,7 @@ from .nodes import check_visible
 from .progress import log
 from .report import write_html
 from .selection import methods
+from .stages import key_of, record, run_stage
 
 
 def versions() -> dict:
@@ -117,32 +117,22 @@ def corpus_tokenizer(run: RunDir, cfg: S2LConfig) -> str:
     return path
 
 
-def _stage(run: RunDir, name: str, key: str) -> dict | None:
-    rec = run.read_manifest().get("stages", {}).get(name)
-    return rec if rec and rec.get("key") == key else None
-
-
-def _finish(run: RunDir, name: str, key: str, started: float, **extra: Any) -> None:
-    run.update_manifest(stages={name: {"key": key, "seconds": round(time.time() - started, 2), **extra}})
-
-
 def run_corpus(run: RunDir, cfg: S2LConfig) -> dict:
     from .corpus import drop_summary, input_fingerprint, store
 
-    key = stage_key(input_fingerprint(cfg.corpus), to_dict(cfg.text))
-    if _stage(run, "corpus", key) is not None:
-        stats = run.read_manifest()["corpus"]
+    def work() -> dict:
+        if run.done_points() or run.proxy_checkpoints():
+            raise LayoutError(f"{run.uri} holds trajectories of another corpus or text config; "
+                              "use a new --output or delete that directory")
+        log(f"corpus: reading {cfg.corpus.path}")
+        return store(run, cfg.corpus, cfg.text, cfg.text.tokenizer, part_rows=cfg.corpus.part_rows,
+                     piece_bytes=int(cfg.corpus.piece_mb * 2**20))
+
+    started = time.time()
+    stats, reused = run_stage(run, "corpus", stage_key(input_fingerprint(cfg.corpus), to_dict(cfg.text)), work)
+    if reused:
         log(f"corpus: reusing {stats['rows']} stored rows")
         return stats
-    if run.done_points() or run.proxy_checkpoints():
-        raise LayoutError(f"{run.uri} holds trajectories of another corpus or text config; "
-                          "use a new --output or delete that directory")
-    log(f"corpus: reading {cfg.corpus.path}")
-    started = time.time()
-    stats = store(run, cfg.corpus, cfg.text, cfg.text.tokenizer, part_rows=cfg.corpus.part_rows,
-                  piece_bytes=int(cfg.corpus.piece_mb * 2**20))
-    run.update_manifest(corpus=stats, merge=False)
-    _finish(run, "corpus", key, started)
     log(f"corpus: {stats['rows']} rows in {len(stats['files'])} parts ({stats['pieces']} pieces read), "
         f"{len(stats['sources'])} sources, {stats['truncated']} truncated to {cfg.text.max_length} tokens "
         f"({time.time() - started:.1f}s)")
@@ -161,19 +151,19 @@ def run_target(run: RunDir, cfg: S2LConfig) -> dict | None:
     if not cfg.select.target:
         return None
     tcfg = target_config(cfg)
-    key = stage_key(input_fingerprint(tcfg), to_dict(cfg.text))
-    if _stage(target, "corpus", key) is not None:
-        stats = target.read_manifest()["corpus"]
+
+    def work() -> dict:
+        if exists(target.fs, target.root):
+            log(f"target: {cfg.select.target} replaces the target examples in {target.uri}")
+            target.fs.delete_dir(target.root)
+        return store(target, tcfg, cfg.text, cfg.text.tokenizer, part_rows=cfg.corpus.part_rows,
+                     piece_bytes=int(cfg.corpus.piece_mb * 2**20))
+
+    started = time.time()
+    stats, reused = run_stage(target, "corpus", stage_key(input_fingerprint(tcfg), to_dict(cfg.text)), work)
+    if reused:
         log(f"target: reusing {stats['rows']} stored target examples")
         return stats
-    if exists(target.fs, target.root):
-        log(f"target: {cfg.select.target} replaces the target examples in {target.uri}")
-        target.fs.delete_dir(target.root)
-    started = time.time()
-    stats = store(target, tcfg, cfg.text, cfg.text.tokenizer, part_rows=cfg.corpus.part_rows,
-                  piece_bytes=int(cfg.corpus.piece_mb * 2**20))
-    target.update_manifest(corpus=stats, merge=False)
-    _finish(target, "corpus", key, started)
     log(f"target: {stats['rows']} examples from {cfg.select.target}, sources {stats['sources']} "
         f"({time.time() - started:.1f}s)")
     if dropped := drop_summary(stats):
@@ -191,9 +181,9 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     from .models import resolve_bf16, resolve_gpu
 
     p = to_dict(cfg.proxy)
-    for perf in ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "precision"):  # precision: below
+    for perf in ("workers", "use_gpu", "precision"):  # precision: below
         p.pop(perf)
-    key = stage_key(corpus["fingerprint"], p, cfg.proxy.num_workers)
+    key = stage_key(corpus["fingerprint"], p, cfg.proxy.workers.count)  # the count fixes the training order
     rec = run.read_manifest().get("stages", {}).get("proxy")
     if rec and rec.get("key") != key:
         raise LayoutError(f"{run.uri} holds trajectories made with another proxy config (proxy.seed included); "
@@ -206,7 +196,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec), "precision": precision}})
     cfg = replace(cfg, proxy=replace(cfg.proxy, precision=precision))
     log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
-        f"{cfg.proxy.num_workers} workers, {precision}")
+        f"{cfg.proxy.workers.count} workers, {precision}")
     started = time.time()
     target = run.target if cfg.select.target else None
     stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], target=target)
@@ -218,8 +208,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
             log(f"target: scored at {len(stats['scored'])} trajectory points from the saved checkpoints "
                 f"({time.time() - started:.1f}s)")
         return stats
-    run.update_manifest(proxy=stats, merge=False)  # this run's statistics only, none left from an earlier one
-    _finish(run, "proxy", key, started, precision=precision)
+    record(run, "proxy", key, started, stats, precision=precision)  # this run's statistics only
     log(f"proxy: trajectories complete in {run.uri_of('trajectories')} ({time.time() - started:.1f}s; "
         f"reused points {stats['reused_points']})")
     return stats
@@ -229,14 +218,13 @@ def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
     from .clustering import cluster_run
 
     ccfg = {k: v for k, v in to_dict(cfg.cluster).items() if k != "source_split"}  # the split is the selection's
-    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], ccfg, cfg.seed, "centroids")
-    if _stage(run, "clusters", key) is not None:
-        log(f"clusters: reusing {run.uri_of('clusters.parquet')}")
-        return run.read_manifest()["clusters"]
+    key = stage_key(key_of(run, "proxy"), ccfg, cfg.seed, "centroids")
     started = time.time()
-    stats = cluster_run(run, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
-    run.update_manifest(clusters=stats, merge=False)
-    _finish(run, "clusters", key, started)
+    stats, reused = run_stage(run, "clusters", key,
+                              lambda: cluster_run(run, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points))
+    if reused:
+        log(f"clusters: reusing {run.uri_of('clusters.parquet')}")
+        return stats
     sizes = sorted(stats["cluster_sizes"])
     log(f"clusters: {stats['k']} clusters ({stats['backend']}), sizes {sizes[0]}..{sizes[-1]}, "
         f"{stats['nan_count']} non-finite losses replaced ({time.time() - started:.1f}s)")
@@ -251,9 +239,9 @@ def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
     from .embeddings import embed
     from .models import resolve_gpu
 
-    key = stage_key(run.read_manifest()["stages"]["proxy"]["key"], "embeddings")
+    key = stage_key(key_of(run, "proxy"), "embeddings")
     target = run.target
-    runs = [r for r in (run, target) if _stage(r, "embeddings", key) is None]
+    runs = [r for r in (run, target) if key_of(r, "embeddings") != key]
     if not runs:
         log("embeddings: reusing the corpus's and the target examples'")
         return
@@ -264,8 +252,7 @@ def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
     precision = run.read_manifest()["stages"]["proxy"].get("precision", cfg.proxy.precision)  # the trajectories'
     done = embed(runs, Checkpoint(last["path"], run.fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu), precision)
     for r in runs:
-        _finish(r, "embeddings", key, started, rows=done[r.uri]["rows"],
-                compute_seconds=done[r.uri]["compute_seconds"])
+        record(r, "embeddings", key, started, rows=done[r.uri]["rows"], compute_seconds=done[r.uri]["compute_seconds"])
     rows = ", ".join(f"{v['rows']} rows of {u}" for u, v in done.items())
     log(f"embeddings: {rows} ({time.time() - started:.1f}s)")
 
@@ -273,10 +260,10 @@ def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
 def run_select(run: RunDir, cfg: S2LConfig) -> dict:
     from .selection.stage import select_run
 
-    started = time.time()
-    stats = select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points)
-    run.update_manifest(selection=stats, merge=False)
-    _finish(run, "selection", stage_key(to_dict(cfg.select), cfg.cluster.source_split, cfg.seed), started)
+    started = time.time()  # always drawn again (it is cheap), so that its files are the ones this config makes
+    stats, _ = run_stage(run, "selection", stage_key(to_dict(cfg.select), cfg.cluster.source_split, cfg.seed),
+                         lambda: select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points),
+                         reuse=False)
     log(f"selection: {cfg.select.method}, budgets {', '.join(stats['budgets'])} ({time.time() - started:.1f}s)")
     return stats
 
@@ -336,7 +323,6 @@ def check_config(cfg: S2LConfig) -> methods.Method:
     """Every check the config allows without its data, models or Ray; made by every run before any work starts
     (and by ``--dry-run``). Returns the selection method."""
     from .clustering import BACKENDS
-    from .config import parse_resources
     from .selection.allocation import SelectionError
 
     method = check_method(cfg)
@@ -349,15 +335,17 @@ def check_config(cfg: S2LConfig) -> methods.Method:
         raise ConfigError(f"text.template must contain {{prompt}}: {cfg.text.template!r}")
     if cfg.cluster.backend not in BACKENDS:
         raise ConfigError(f"cluster.backend must be one of {list(BACKENDS)}, not {cfg.cluster.backend!r}")
-    for name in ("proxy.num_points", "proxy.num_workers", "proxy.batch_size", "proxy.epochs", "cluster.k",
-                 "scoring.num_actors"):
-        section, field = name.split(".")
-        if getattr(getattr(cfg, section), field) < 1:
-            raise ConfigError(f"{name} must be at least 1, not {getattr(getattr(cfg, section), field)}")
+    for name in ("proxy.num_points", "proxy.workers.count", "proxy.batch_size", "proxy.epochs", "cluster.k",
+                 "scoring.actors.count"):
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, not {value}")
     if cfg.proxy.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"proxy.schedule must be cosine, linear or constant, not {cfg.proxy.schedule!r}")
-    parse_resources(cfg.proxy.resources, "proxy.resources")
-    parse_resources(cfg.scoring.resources, "scoring.resources")
+    cfg.proxy.workers.ray_resources(True, "proxy.workers")
+    cfg.scoring.actors.ray_resources(True, "scoring.actors")
     return method
 
 
@@ -372,7 +360,7 @@ def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
     try:
         make_plan(rows, cfg.proxy)
     except ProxyError as e:
-        raise ProxyError(f"{e} ({rows} rows over {cfg.proxy.num_workers} workers in batches of "
+        raise ProxyError(f"{e} ({rows} rows over {cfg.proxy.workers.count} workers in batches of "
                          f"{cfg.proxy.batch_size}, {cfg.proxy.epochs} epochs)") from None
 
 
@@ -397,36 +385,34 @@ def check_gpus(cfg: S2LConfig) -> None:
 
     if not resolve_gpu(cfg.proxy.use_gpu):
         return
-    if cfg.proxy.num_workers > 1 and cfg.proxy.gpus_per_worker < 1:
-        raise ProxyError(f"proxy.gpus_per_worker={cfg.proxy.gpus_per_worker} with {cfg.proxy.num_workers} workers "
-                         "can put two training ranks on one GPU, which NCCL refuses: give each worker a whole GPU "
-                         "(proxy.gpus_per_worker=1) or train on one worker")
+    workers = cfg.proxy.workers
+    if workers.count > 1 and workers.gpus <= 0.5:  # above a half, Ray gives each worker a GPU of its own
+        raise ProxyError(f"proxy.workers.gpus={workers.gpus} with {workers.count} workers "
+                         "can put two training ranks on one GPU, which NCCL refuses: give each worker more than half "
+                         "a GPU (0.75 leaves room for a scoring actor, 1 a whole one) or train on one worker")
     gpus = ray.cluster_resources().get("GPU", 0)
-    need = cfg.proxy.num_workers * cfg.proxy.gpus_per_worker + cfg.scoring.gpus_per_actor
+    need = workers.count * workers.gpus + cfg.scoring.actors.gpus
     if gpus and gpus < need:
-        log(f"proxy: training takes {cfg.proxy.num_workers * cfg.proxy.gpus_per_worker:g} of the cluster's {gpus:g} "
-            f"GPUs and a scoring actor asks for {cfg.scoring.gpus_per_actor:g}: the points are scored as GPUs free "
+        log(f"proxy: training takes {workers.count * workers.gpus:g} of the cluster's {gpus:g} "
+            f"GPUs and a scoring actor asks for {cfg.scoring.actors.gpus:g}: the points are scored as GPUs free "
             "up (after training, unless the cluster adds a GPU node)")
 
 
 def dry_run(cfg: S2LConfig) -> str:
     """Check a selection config as far as it goes without its data, models or Ray; the plan, as lines."""
-    from .config import parse_resources
     from .models import resolve_bf16
 
     method = check_config(cfg)
     gpu = cfg.proxy.use_gpu == "true"
     bf16 = resolve_bf16(cfg.proxy.precision, gpu)
-    worker = {"CPU": cfg.proxy.cpus_per_worker} | ({"GPU": cfg.proxy.gpus_per_worker} if gpu else {}) \
-        | parse_resources(cfg.proxy.resources, "proxy.resources")
-    actor = {"CPU": cfg.scoring.cpus_per_actor} | ({"GPU": cfg.scoring.gpus_per_actor} if gpu else {}) \
-        | parse_resources(cfg.scoring.resources, "scoring.resources")
+    worker = cfg.proxy.workers.ray_resources(gpu, "proxy.workers")
+    actor = cfg.scoring.actors.ray_resources(gpu, "scoring.actors")
     return "\n".join([
         f"corpus:   {cfg.corpus.path or 'the built-in demo'} -> {cfg.output}",
         f"proxy:    {cfg.proxy.model or f'a fresh {cfg.proxy.preset!r} model'} (tokenizer "
         f"{cfg.text.tokenizer or cfg.proxy.model or 'trained on the corpus'}), {cfg.proxy.epochs} epochs, "
-        f"{cfg.proxy.num_points} points, {cfg.proxy.num_workers} workers x {worker}, {'bf16' if bf16 else 'fp32'}",
-        f"scoring:  {cfg.scoring.num_actors} actors x {actor}, {cfg.scoring.max_tokens} tokens a pass",
+        f"{cfg.proxy.num_points} points, {cfg.proxy.workers.count} workers x {worker}, {'bf16' if bf16 else 'fp32'}",
+        f"scoring:  {cfg.scoring.actors.count} actors x {actor}, {cfg.scoring.max_tokens} tokens a pass",
         f"clusters: k={cfg.cluster.k}{' per source' if cfg.cluster.per_source else ''}, backend "
         f"{cfg.cluster.backend}" + ("" if method.clusters else " (not used by this method)"),
         f"select:   {cfg.select.method}, budgets {cfg.select.budgets}, seed {cfg.seed}"
@@ -460,38 +446,3 @@ def select(cfg: S2LConfig) -> dict:
     write_html(run)  # rewritten for every selection: the page shows the current one
     log("done\n" + summary(run, cfg))
     return manifest
-
-
-def _user_error(exc: BaseException) -> BaseException | None:
-    """The project's own error behind ``exc``: ``exc`` itself or what it was raised from (``__cause__``, or Ray's
-    ``cause`` for errors raised in tasks and actors); never an error that was merely being handled."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__module__.startswith("s2l_ray"):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
-
-
-def fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
-
-
-def main(fn, verbose: bool = False) -> int:
-    """Run a job body; the project's errors become one clear line and exit status 2. ``verbose``: Ray's own
-    output (worker logs, progress bars, its warnings) shown too."""
-    from . import progress
-
-    progress.VERBOSE = verbose
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - anything not ours is re-raised with its traceback
-        err = _user_error(e)
-        if err is None:
-            raise
-        return fail(str(err))
-    finally:
-        progress.stop_console()
-    return 0

@@ -27,7 +27,7 @@ from ray.train import Checkpoint
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import batches
-from .config import ProxyConfig, ScoringConfig, parse_resources
+from .config import ProxyConfig, ScoringConfig
 from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
 from .progress import Rate, log
@@ -54,9 +54,9 @@ class Plan:
 
 def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
     """Steps per epoch (each worker gets an equal share of rows) and T evenly spaced points ending at the last step."""
-    per_worker = n_rows // cfg.num_workers
+    per_worker = n_rows // cfg.workers.count
     if per_worker == 0:
-        raise ProxyError(f"{n_rows} rows cannot be split over {cfg.num_workers} workers")
+        raise ProxyError(f"{n_rows} rows cannot be split over {cfg.workers.count} workers")
     spe = math.ceil(per_worker / cfg.batch_size)
     total = spe * cfg.epochs
     if not 1 <= cfg.num_points <= total:
@@ -289,13 +289,12 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
             "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
             "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
             "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
-            "threads": max(1, int(proxy.cpus_per_worker)), "pad_id": pad_id, "resume": resume, "data": data,
+            "threads": max(1, int(proxy.workers.cpus)), "pad_id": pad_id, "resume": resume, "data": data,
         }
-        resources = ({"CPU": proxy.cpus_per_worker} | ({"GPU": proxy.gpus_per_worker} if use_gpu else {})
-                     | parse_resources(proxy.resources, "proxy.resources"))
+        resources = proxy.workers.ray_resources(use_gpu, "proxy.workers")
         trainer = TorchTrainer(
             train_loop, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=proxy.num_workers, use_gpu=use_gpu,
+            scaling_config=ScalingConfig(num_workers=proxy.workers.count, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
                 # the run directory's own filesystem (the S3 endpoint included), so that checkpoints go

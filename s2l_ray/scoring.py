@@ -198,9 +198,9 @@ def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConf
     items = [{"run": r.uri, "part": p[0]} for r in runs for p in r.corpus_parts()]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PartScorer, fn_constructor_args=(checkpoint, kind, t, step, cfg.max_tokens, use_gpu, precision), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.num_actors, len(items))),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
-        resources=parse_resources(cfg.resources, "scoring.resources") or None)
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.actors.count, len(items))),
+        num_cpus=cfg.actors.cpus, num_gpus=cfg.actors.gpus if use_gpu else 0,
+        resources=parse_resources(cfg.actors.resources, "scoring.actors.resources") or None)
     done: list[dict] = []
     progress = Progress(len(items), "parts", "scoring", lambda d: f"{kind}, point {t}")
     for row in ds.iter_rows():

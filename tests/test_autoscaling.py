@@ -52,7 +52,7 @@ def cluster(tmp_path_factory, demo_small):
     ray.shutdown()
     tmp = tmp_path_factory.mktemp("autoscaling")
     with moto_s3() as (endpoint, fs):
-        for name in ("train", "target"):
+        for name in ("train", "target", "eval"):
             with open(demo_small[name], "rb") as src, fs.open_output_stream(f"{BUCKET}/data/{name}.jsonl") as dst:
                 dst.write(src.read())
         pafs.copy_files(demo_small["tokenizer"], f"{BUCKET}/tokenizer", destination_filesystem=fs)
@@ -105,8 +105,8 @@ def s3(path: str) -> str:
 
 SMALL = ["--data", s3("data/train.jsonl"), "--budget", "24", "--clusters", "4", "--num-workers", "2",
          "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "proxy.epochs=1", "--set", "proxy.num_points=2",
-         "--set", "proxy.batch_size=8", "--set", "proxy.cpus_per_worker=0.5", "--set", "proxy.lr=0.003",
-         "--set", "proxy.resources=gpu_node=0.25", "--set", "scoring.resources=gpu_node=0.25",
+         "--set", "proxy.batch_size=8", "--set", "proxy.workers.cpus=0.5", "--set", "proxy.lr=0.003",
+         "--set", "proxy.workers.resources=gpu_node=0.25", "--set", "scoring.actors.resources=gpu_node=0.25",
          "--set", "corpus.piece_mb=0.004"]
 
 
@@ -138,3 +138,19 @@ def test_select_through_s3_scales_workers_up_and_finishes(cluster):
     assert manifest["corpus"]["rows"] == 60 and manifest["selection"]["budgets"]["24"]["selected"] == 24
     assert all(n.startswith(WORKER_ID) for n in manifest["corpus"]["pieces_by_node"]), manifest["corpus"]
     assert "gpu.worker" in status(env, address)
+
+
+def test_evaluation_on_the_autoscaling_cluster_reads_and_writes_the_bucket(cluster):
+    """The proxy's last checkpoint, evaluated from the bucket by an actor pool that starts with one actor and grows as
+    nodes join (the head has no CPUs, so none is clamped to what is present at start)."""
+    env, fs, *_ = cluster
+    points = json.loads(fs.open_input_stream(f"{BUCKET}/run/proxy/_checkpoints.json").read())["points"]
+    model = max(points.values(), key=lambda p: p["step"])["path"].rstrip("/") + "/model"  # a bucket path
+    proc = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", model if "://" in model else f"s3://{model}",
+                           "--data", s3("data/eval.jsonl"), "--output", s3("eval"), "--limit", "6",
+                           "--max-new-tokens", "4", "--num-actors", "2", "--set", f"text.tokenizer={s3('tokenizer')}",
+                           "--set", "use_gpu=false", "--set", "actors.resources=gpu_node=0.5"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    metrics = json.loads(fs.open_input_stream(f"{BUCKET}/eval/metrics.json").read())
+    assert metrics["rows"] == 6

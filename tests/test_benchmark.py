@@ -19,12 +19,12 @@ def tiny(tmp_path, **extra) -> BenchmarkConfig:
         "selection.demo.sources": "gcd,basic_arithmetic", "selection.demo.train_per_source": 16,
         "selection.demo.eval_per_source": 3, "selection.demo.vocab_size": 300,
         "selection.text.max_length": 96, "selection.proxy.epochs": 1, "selection.proxy.batch_size": 4,
-        "selection.proxy.num_points": 2, "selection.proxy.num_workers": 1, "selection.proxy.cpus_per_worker": 0.5,
+        "selection.proxy.num_points": 2, "selection.proxy.workers.count": 1, "selection.proxy.workers.cpus": 0.5,
         "selection.cluster.k": 3,
         "finetune.preset": "tiny", "finetune.epochs": 1, "finetune.lr": 0.001, "finetune.micro_batch_size": 4,
-        "finetune.checkpoint_every": 0, "finetune.num_workers": 1, "finetune.cpus_per_worker": 0.5,
+        "finetune.checkpoint_every": 0, "finetune.workers.count": 1, "finetune.workers.cpus": 0.5,
         "finetune.text.max_length": 96,
-        "evaluate.max_new_tokens": 4, "evaluate.num_actors": 1, "evaluate.text.max_length": 96, **extra,
+        "evaluate.max_new_tokens": 4, "evaluate.actors.count": 1, "evaluate.text.max_length": 96, **extra,
     }, cls=BenchmarkConfig)
 
 

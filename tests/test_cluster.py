@@ -100,16 +100,16 @@ def s3(path: str) -> str:
 SELECT = ["jobs/select.py", "--data", s3("data/train.jsonl"), "--target", s3("data/target.jsonl"),
           "--method", "s2l-target", "--budget", "24", "--clusters", "4",
           "--num-workers", "2", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "proxy.epochs=1",
-          "--set", "proxy.num_points=2", "--set", "proxy.batch_size=8", "--set", "proxy.cpus_per_worker=0.5",
-          "--set", "proxy.lr=0.003", "--set", f"proxy.resources={PIN}", "--set", f"scoring.resources={PIN}",
+          "--set", "proxy.num_points=2", "--set", "proxy.batch_size=8", "--set", "proxy.workers.cpus=0.5",
+          "--set", "proxy.lr=0.003", "--set", f"proxy.workers.resources={PIN}", "--set", f"scoring.actors.resources={PIN}",
           "--set", "corpus.piece_mb=0.004"]  # the 15 kB corpus in 4 pieces, read on both nodes
 
 
 def finetune_args(out: str, stage: int, *extra: str) -> list[str]:
     return ["jobs/finetune.py", "--data", s3("run"), "--output", s3(out), "--zero-stage", str(stage),
             "--num-workers", "2", "--epochs", "2", "--micro-batch-size", "2", "--set", "preset=tiny",
-            "--set", "lr=0.001", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "cpus_per_worker=0.5",
-            "--set", f"resources={PIN}", *extra]
+            "--set", "lr=0.001", "--set", f"text.tokenizer={s3('tokenizer')}", "--set", "workers.cpus=0.5",
+            "--set", f"workers.resources={PIN}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_evaluation_reads_the_model_from_the_bucket_and_writes_its_metrics_there
     fs = cluster[2]
     proc = submit(cluster, ["jobs/evaluate.py", "--model", s3("target2"), "--data", s3("data/eval.jsonl"),
                             "--limit", "6", "--max-new-tokens", "8", "--num-actors", "1",
-                            "--set", f"text.tokenizer={s3('tokenizer')}", "--set", f"resources={PIN}"])
+                            "--set", f"text.tokenizer={s3('tokenizer')}", "--set", f"actors.resources={PIN}"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = json.loads(fs.open_input_stream(f"{BUCKET}/target2/eval/metrics.json").read())
     assert metrics["rows"] == 6 and metrics["model"] == s3("target2/model")

@@ -168,8 +168,8 @@ def test_paper_selection_config_loads():
     assert 0.10 < cfg.select.budgets[0] / 262_000 < 0.12
     assert (cfg.corpus.prompt, cfg.corpus.response, cfg.corpus.source) == ("instruction", "output", "source")
     # one training worker and one scoring actor share each GPU
-    assert p.num_workers == cfg.scoring.num_actors
-    assert p.gpus_per_worker + cfg.scoring.gpus_per_actor == pytest.approx(1.0)
+    assert p.workers.count == cfg.scoring.actors.count
+    assert p.workers.gpus + cfg.scoring.actors.gpus == pytest.approx(1.0)
 
 
 def test_paper_finetune_config_loads():
@@ -205,11 +205,10 @@ def test_paper_jobs_fit_the_gpu_workers(name):
     (gpu,) = gpu_types(cfg).values()
     nodes = [dict(gpu["resources"]) for _ in range(2)]
     sel = load_config(str(PAPER))
-    select_bundles = ([{"CPU": sel.proxy.cpus_per_worker, "GPU": sel.proxy.gpus_per_worker}] * sel.proxy.num_workers
-                      + [{"CPU": sel.scoring.cpus_per_actor, "GPU": sel.scoring.gpus_per_actor}]
-                      * sel.scoring.num_actors)
+    select_bundles = ([sel.proxy.workers.ray_resources(True, "proxy.workers")] * sel.proxy.workers.count
+                      + [sel.scoring.actors.ray_resources(True, "scoring.actors")] * sel.scoring.actors.count)
     ft = load_config(str(PAPER_FT), cls=FinetuneConfig)
-    finetune_bundles = [{"CPU": ft.cpus_per_worker, "GPU": ft.gpus_per_worker}] * ft.num_workers
+    finetune_bundles = [ft.workers.ray_resources(True, "workers")] * ft.workers.count
     for bundles in (select_bundles, finetune_bundles):
         unfit, _ = get_bin_pack_residual(nodes, bundles)
         assert unfit == []

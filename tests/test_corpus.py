@@ -137,9 +137,9 @@ def test_bad_input_is_refused_clearly(tmp_path, demo_small, content, kw, match):
     run = RunDir(str(tmp_path / "run"))
     with pytest.raises(Exception) as info:
         store(run, CorpusConfig(path=str(bad), **kw), TextConfig(max_length=64), demo_small["tokenizer"])
-    from s2l_ray.pipeline import _user_error
+    from s2l_ray.cli import user_error
 
-    err = _user_error(info.value)
+    err = user_error(info.value)
     assert isinstance(err, CorpusError), info.value
     assert re.search(match, str(err)), str(err)
     assert not (tmp_path / "run" / "corpus").exists(), "a failed corpus leaves no partial output"

@@ -128,7 +128,7 @@ def check_trusted_artifacts_whole(run: RunDir) -> None:
 def select_argv(data: str, tokenizer: str, out) -> list[str]:
     return ["--data", data, "--output", str(out), "--budget", "12", "--clusters", "4", "--num-workers", "2",
             "--seed", "3", "--set", f"text.tokenizer={tokenizer}", "--set", "proxy.epochs=2",
-            "--set", f"proxy.num_points={T}", "--set", "proxy.batch_size=16", "--set", "proxy.cpus_per_worker=0.5",
+            "--set", f"proxy.num_points={T}", "--set", "proxy.batch_size=16", "--set", "proxy.workers.cpus=0.5",
             "--set", "proxy.lr=0.003"]
 
 
@@ -252,7 +252,7 @@ def test_train_worker_killed_mid_epoch_training_resumes_exactly(faults, ray_loca
     flags = dict(zip(argv[::2], argv[1::2]))
     sets = [v for k, v in zip(argv[::2], argv[1::2]) if k == "--set"]
     reference = tmp_path / "uninterrupted"
-    cfg = load_config(None, {"corpus.path": flags["--data"], "output": str(reference), "proxy.num_workers": 2,
+    cfg = load_config(None, {"corpus.path": flags["--data"], "output": str(reference), "proxy.workers.count": 2,
                              **dict(kv.split("=", 1) for kv in sets)})
     manifest = pipeline.select(replace(cfg, select=replace(cfg.select, budgets=[12]), seed=3,
                                        cluster=replace(cfg.cluster, k=4)))

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from s2l_ray import finetune
-from s2l_ray.config import ConfigError, CorpusConfig, FinetuneConfig, TextConfig
+from s2l_ray.config import ConfigError, CorpusConfig, FinetuneConfig, Placement, TextConfig
 from s2l_ray.finetune.record import write_summary
 from s2l_ray.layout import RunDir
 
@@ -116,7 +116,7 @@ def test_an_unreadable_checkpoint_record_is_an_error_not_a_restart(tmp_path):
 
 
 def test_plan_and_deepspeed_config():
-    cfg = FinetuneConfig(num_workers=2, micro_batch_size=4, grad_accum=2, epochs=3, grad_clip=0.5)
+    cfg = FinetuneConfig(workers=Placement(count=2), micro_batch_size=4, grad_accum=2, epochs=3, grad_clip=0.5)
     plan = finetune.make_plan(61, cfg)
     assert (plan.rows_per_worker, plan.micro_batches_per_epoch, plan.steps_per_epoch) == (30, 8, 4)
     assert (plan.total_steps, plan.warmup_steps) == (12, 0)
@@ -269,8 +269,8 @@ def test_a_sweep_is_reused_run_by_run(sweep):
     again = finetune.run_many(cfgs, sweep_dir=sweep_dir)
     assert (out / finetune.STATE_FILE).read_text() == state
     assert again[1]["status"] == "done" and again[1]["log"] == records[1]["log"]
-    with pytest.raises(ConfigError, match="share num_workers"):
-        finetune.run_many([replace(c, output=f"{c.output}-new", num_workers=n) for c, n in zip(cfgs, (1, 2))],
+    with pytest.raises(ConfigError, match="share workers"):
+        finetune.run_many([replace(c, output=f"{c.output}-new", workers=Placement(count=n)) for c, n in zip(cfgs, (1, 2))],
                           sweep_dir=sweep_dir)
 
 

@@ -26,8 +26,8 @@ def _proxy_config(demo_small, out, **extra):
 
     return load_config(None, {"output": str(out), "corpus.path": demo_small["train"],
                               "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
-                              "proxy.num_points": 3, "proxy.num_workers": 1, "proxy.use_gpu": "true",
-                              "proxy.precision": "bf16", "proxy.gpus_per_worker": 0.5, "scoring.gpus_per_actor": 0.25,
+                              "proxy.num_points": 3, "proxy.workers.count": 1, "proxy.use_gpu": "true",
+                              "proxy.precision": "bf16", "proxy.workers.gpus": 0.5, "scoring.actors.gpus": 0.25,
                               "corpus.part_rows": 16, **extra})
 
 
@@ -59,7 +59,7 @@ def test_a_bf16_proxy_trains_and_scores_every_point(ray_local, demo_small, tmp_p
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_two_rank_nccl_proxy_scores_every_row_once(ray_local, demo_small, tmp_path):
     run, corpus = _run_proxy(_proxy_config(demo_small, tmp_path / "run", **{
-        "proxy.num_workers": 2, "proxy.gpus_per_worker": 1, "scoring.gpus_per_actor": 0}))
+        "proxy.workers.count": 2, "proxy.workers.gpus": 1, "scoring.actors.gpus": 0}))
     assert _trajectories(run).shape == (corpus["rows"], 3)
 
 
@@ -112,7 +112,7 @@ def test_cuml_kmeans_agrees_with_faiss():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_bf16_fine_tuning_lowers_the_loss(ray_local, demo_small, tmp_path, stage):
     from s2l_ray import finetune
-    from s2l_ray.config import CorpusConfig, FinetuneConfig, TextConfig
+    from s2l_ray.config import CorpusConfig, FinetuneConfig, Placement, TextConfig
 
     sel = tmp_path / "selection"
     sel.mkdir()
@@ -124,7 +124,7 @@ def test_deepspeed_bf16_fine_tuning_lowers_the_loss(ray_local, demo_small, tmp_p
     summary = finetune.run(FinetuneConfig(
         output=str(tmp_path / "out"), corpus=CorpusConfig(path=str(sel)),
         text=TextConfig(tokenizer=demo_small["tokenizer"], max_length=256), preset="tiny", epochs=3, lr=1e-3,
-        micro_batch_size=4, checkpoint_every=0, seed=0, zero_stage=stage, num_workers=gpus, use_gpu="true",
+        micro_batch_size=4, checkpoint_every=0, seed=0, zero_stage=stage, workers=Placement(count=gpus), use_gpu="true",
         precision="bf16"))
     losses = [e["loss"] for e in summary["log"] if "loss" in e]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -76,11 +76,11 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
 @pytest.mark.parametrize("extra,message", [
     (["--budget", "0"], r"select\.budgets: 0(\.0)? is neither a whole count >= 1 nor a fraction in \(0, 1\)"),
     (["--set", "text.template=Question: answer this"], r"text\.template must contain \{prompt\}"),
-    (["--num-workers", "0"], r"proxy\.num_workers must be at least 1, not 0"),
+    (["--num-workers", "0"], r"proxy\.workers\.count must be at least 1, not 0"),
     (["--set", "proxy.schedule=step"], r"proxy\.schedule must be cosine, linear or constant, not 'step'"),
-    (["--set", "proxy.resources=spot"], r"proxy\.resources"),
-    (["--set", "proxy.use_gpu=true", "--set", "proxy.gpus_per_worker=0.5"],
-     r"proxy\.gpus_per_worker=0\.5 with 2 workers can put two training ranks on one GPU"),
+    (["--set", "proxy.workers.resources=spot"], r"proxy\.workers\.resources"),
+    (["--set", "proxy.use_gpu=true", "--set", "proxy.workers.gpus=0.5"],
+     r"proxy\.workers\.gpus=0\.5 with 2 workers can put two training ranks on one GPU"),
 ])
 def test_bad_settings_are_refused_on_the_real_path_before_any_work(tmp_path, demo_small, extra, message):
     """What ``--dry-run`` checks, a real run checks before it reads a row (the GPUs' sharing as soon as Ray runs)."""
@@ -136,7 +136,7 @@ def test_an_error_raised_while_handling_ours_is_not_reported_as_ours():
     """``main`` reports the project's error behind what it was raised from, never one that was merely being handled
     when an internal failure happened (that one keeps its traceback)."""
     from s2l_ray.config import ConfigError
-    from s2l_ray.pipeline import main
+    from s2l_ray.cli import main
 
     def internal_failure_while_handling():
         try:
@@ -153,3 +153,19 @@ def test_an_error_raised_while_handling_ours_is_not_reported_as_ours():
     with pytest.raises(KeyError):
         main(internal_failure_while_handling)
     assert main(wrapped) == 2
+
+
+def test_placement_is_one_shape_and_a_partial_mapping_keeps_its_stages_defaults(tmp_path):
+    from s2l_ray.config import ConfigError, FinetuneConfig, Placement, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("proxy:\n  workers:\n    cpus: 0.5\nscoring:\n  actors:\n    count: 4\n")
+    cfg = load_config(str(path), {"proxy.workers.resources": "node2=1"})
+    assert cfg.proxy.workers == Placement(count=2, cpus=0.5, gpus=1.0, resources=["node2=1"])
+    assert cfg.scoring.actors == Placement(count=4, cpus=0.5, gpus=0.25)  # the scoring actors' own defaults
+    assert cfg.proxy.workers.ray_resources(True, "proxy.workers") == {"CPU": 0.5, "GPU": 1.0, "node2": 1.0}
+    assert cfg.scoring.actors.ray_resources(False, "scoring.actors") == {"CPU": 0.5}
+    assert load_config(None, {"workers.count": 4}, cls=FinetuneConfig).workers == Placement(count=4)
+    path.write_text("proxy:\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['num_workers'\].*'workers'"):
+        load_config(str(path))

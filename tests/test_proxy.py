@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray import pipeline
+from s2l_ray.cli import user_error
 from s2l_ray.config import load_config
 from s2l_ray.layout import TRAJECTORY_SCHEMA, LayoutError, RunDir
 from s2l_ray.models import load_model, load_tokenizer
@@ -23,7 +24,7 @@ T = 3
 def config(demo_small, out, **extra):
     return load_config(None, {"output": str(out), "corpus.path": demo_small["train"],
                               "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
-                              "proxy.num_points": T, "proxy.num_workers": 2, "proxy.cpus_per_worker": 0.5,
+                              "proxy.num_points": T, "proxy.workers.count": 2, "proxy.workers.cpus": 0.5,
                               "proxy.lr": 3e-3, "corpus.part_rows": 8, **extra})
 
 
@@ -150,7 +151,7 @@ def test_training_order_mixes_sources_and_changes_every_epoch(proxy_run):
 
     cfg, run, corpus, _ = proxy_run
     source = np.array(pq.read_table(run.corpus_files(), columns=["source"]).column("source").to_pylist())
-    n, world = len(source), cfg.proxy.num_workers
+    n, world = len(source), cfg.proxy.workers.count
     assert list(source) == sorted(source, key=list(dict.fromkeys(source)).index)  # stored source by source
     share = {s: float(np.mean(source == s)) for s in set(source)}
     epochs = [np.concatenate([epoch_positions(n, cfg.proxy.seed, e, r, world) for r in range(world)])
@@ -187,19 +188,19 @@ def test_same_seed_same_trajectories_and_selection(proxy_run, demo_small, tmp_pa
 def vars_of(cfg) -> dict:
     return {"output": cfg.output, "corpus.path": cfg.corpus.path, "text.tokenizer": cfg.text.tokenizer,
             "proxy.epochs": cfg.proxy.epochs, "proxy.batch_size": cfg.proxy.batch_size,
-            "proxy.num_points": cfg.proxy.num_points, "proxy.num_workers": cfg.proxy.num_workers,
-            "proxy.cpus_per_worker": cfg.proxy.cpus_per_worker, "proxy.lr": cfg.proxy.lr,
+            "proxy.num_points": cfg.proxy.num_points, "proxy.workers.count": cfg.proxy.workers.count,
+            "proxy.workers.cpus": cfg.proxy.workers.cpus, "proxy.lr": cfg.proxy.lr,
             "corpus.part_rows": cfg.corpus.part_rows}
 
 
 def test_plan_spreads_points_evenly():
-    from s2l_ray.config import ProxyConfig
+    from s2l_ray.config import Placement, ProxyConfig
 
-    plan = make_plan(100, ProxyConfig(num_workers=2, batch_size=8, epochs=3, num_points=4))
+    plan = make_plan(100, ProxyConfig(workers=Placement(count=2), batch_size=8, epochs=3, num_points=4))
     assert (plan.rows_per_worker, plan.steps_per_epoch, plan.total_steps) == (50, 7, 21)
     assert plan.point_steps == (5, 10, 16, 21)
     with pytest.raises(ProxyError, match="num_points"):
-        make_plan(10, ProxyConfig(num_workers=2, batch_size=8, epochs=1, num_points=4))
+        make_plan(10, ProxyConfig(workers=Placement(count=2), batch_size=8, epochs=1, num_points=4))
 
 
 def mtimes(run: RunDir) -> dict:
@@ -279,8 +280,18 @@ def test_a_scoring_failure_ends_the_run_with_the_scorers_error(ray_local, demo_s
     blocked.write_text("not a folder")
     with pytest.raises(ScoringFailed, match=r"trajectory point 0: \w+Error") as err:
         run_stages(cfg)
-    assert pipeline._user_error(err.value) is err.value
+    assert user_error(err.value) is err.value
     assert 0 not in RunDir(cfg.output).done_points()
+
+
+def test_workers_share_a_gpu_only_when_ray_would_pack_two_on_one(ray_local, demo_small, tmp_path):
+    """Above half a GPU each, Ray gives every worker a GPU of its own (0.75 leaves room for a scoring actor); at a
+    half or less, two NCCL ranks could land on one GPU, which NCCL refuses."""
+    from s2l_ray.proxy import ProxyError
+
+    pipeline.check_gpus(config(demo_small, tmp_path / "a", **{"proxy.use_gpu": "true", "proxy.workers.gpus": 0.75}))
+    with pytest.raises(ProxyError, match=r"proxy\.workers\.gpus=0\.5 with 2 workers can put two training ranks"):
+        pipeline.check_gpus(config(demo_small, tmp_path / "b", **{"proxy.use_gpu": "true", "proxy.workers.gpus": 0.5}))
 
 
 def test_after_a_failed_point_the_next_checkpoint_is_recorded_and_refused(ray_local, tmp_path):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray import evaluate, finetune, pipeline
-from s2l_ray.config import CorpusConfig, EvaluateConfig, FinetuneConfig, TextConfig, load_config
+from s2l_ray.config import CorpusConfig, EvaluateConfig, FinetuneConfig, Placement, TextConfig, load_config
 from s2l_ray.layout import RunDir
 from s2l_ray.models import load_model, load_tokenizer
 from s2l_ray.scoring import reference_losses
@@ -58,7 +58,7 @@ def chat_run(ray_local, chat_corpus, chat_target, smollm2_proxy, tmp_path_factor
     cfg = load_config(None, {"output": str(out), "corpus.path": str(chat_corpus),
                              "proxy.model": os.path.relpath(smollm2_proxy),
                              "proxy.epochs": 1, "proxy.batch_size": 4, "proxy.num_points": 2, "proxy.lr": 1e-4,
-                             "proxy.num_workers": 2, "proxy.cpus_per_worker": 0.5, "corpus.part_rows": 8,
+                             "proxy.workers.count": 2, "proxy.workers.cpus": 0.5, "corpus.part_rows": 8,
                              "text.max_length": 384, "cluster.k": 3, "select.budgets": "8",
                              "select.method": "s2l-target", "select.target": str(chat_target)})
     return cfg, pipeline.select(cfg)
@@ -127,7 +127,7 @@ def tuned(ray_local, chat_run, smollm2, tmp_path_factory):
     cfg, _ = chat_run
     root = tmp_path_factory.mktemp("tuned")
     base = FinetuneConfig(model=smollm2, corpus=CorpusConfig(path=cfg.output), epochs=1, micro_batch_size=2,
-                          lr=1e-5, checkpoint_every=0, num_workers=2, cpus_per_worker=0.5,
+                          lr=1e-5, checkpoint_every=0, workers=Placement(count=2, cpus=0.5),
                           text=TextConfig(max_length=384))
     cfgs = [replace(base, output=str(root / f"zero{z}"), zero_stage=z) for z in (2, 3)]
     return finetune.run_many(cfgs, sweep_dir=str(root / "sweep"))
@@ -158,7 +158,7 @@ def test_evaluation_of_the_real_model_on_gsm8k_and_chat_files(ray_local, smollm2
     """GSM8K's own schema (question, answer ending in #### N) with the default stop string, and a chat file
     prompted through the model's chat template."""
     gsm = EvaluateConfig(model=smollm2, output=str(tmp_path / "gsm"), max_new_tokens=40, limit=3, batch_size=3,
-                         num_actors=1, corpus=CorpusConfig(path=demo_small["eval_gsm8k"]))
+                         actors=Placement(count=1, cpus=0.5), corpus=CorpusConfig(path=demo_small["eval_gsm8k"]))
     metrics = evaluate.run(gsm)
     preds = [json.loads(line) for line in open(tmp_path / "gsm" / "predictions.jsonl")]
     golds = [json.loads(line)["answer"].rsplit("####", 1)[1].strip() for line in open(demo_small["eval_gsm8k"])][:3]

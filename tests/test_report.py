@@ -68,7 +68,7 @@ def test_the_demo_report_in_headless_chromium(ray_local, demo_small, tmp_path):
 
     cfg = load_config(None, {"output": str(tmp_path / "run"), "corpus.path": demo_small["train"],
                              "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
-                             "proxy.num_points": 3, "proxy.num_workers": 2, "proxy.cpus_per_worker": 0.5,
+                             "proxy.num_points": 3, "proxy.workers.count": 2, "proxy.workers.cpus": 0.5,
                              "proxy.lr": 3e-3, "cluster.k": 4, "select.budgets": "12"})
     pipeline.select(cfg)
     run = RunDir(cfg.output)

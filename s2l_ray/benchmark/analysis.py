@@ -93,8 +93,8 @@ def ledger(manifest: dict, target: dict, cells: list[dict], cfg: BenchmarkConfig
     proxy, sel, ft = manifest.get("proxy", {}), cfg.selection, cfg.finetune
     gpu = bool(proxy.get("use_gpu"))
     unit = "GPU-seconds" if gpu else "core-seconds"
-    per_worker = sel.proxy.gpus_per_worker if gpu else max(1, int(sel.proxy.cpus_per_worker))
-    per_actor = sel.scoring.gpus_per_actor if gpu else max(1, int(sel.scoring.cpus_per_actor))
+    per_worker = sel.proxy.workers.gpus if gpu else max(1, int(sel.proxy.workers.cpus))
+    per_actor = sel.scoring.actors.gpus if gpu else max(1, int(sel.scoring.actors.cpus))
     timings = manifest.get("clusters", {}).get("timings", {})
     rescored = sum(r.get("compute_seconds", 0.0) for r in target.get("scoring") or [])  # a later target set
     embeddings = sum(s.get("compute_seconds", 0.0) for s in (manifest.get("stages", {}).get("embeddings", {}),
@@ -104,7 +104,7 @@ def ledger(manifest: dict, target: dict, cells: list[dict], cfg: BenchmarkConfig
                  "scoring": (proxy.get("score_compute_seconds", 0.0) + rescored) * per_actor,
                  "embeddings": embeddings * per_actor,
                  "clustering": 0.0 if gpu else timings.get("fit", 0.0) + timings.get("assign", 0.0)}
-    per_ft = ft.gpus_per_worker if gpu else max(1, int(ft.cpus_per_worker))
+    per_ft = ft.workers.gpus if gpu else max(1, int(ft.workers.cpus))
     tuning: dict[str, list[float]] = {}
     for c in cells:
         if c.get("finetune_compute") is not None:

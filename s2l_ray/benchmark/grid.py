@@ -16,6 +16,7 @@ from dataclasses import replace
 from .. import pipeline
 from ..config import BenchmarkConfig, ConfigError, S2LConfig, to_dict
 from ..layout import RunDir, read_json, resolve, stage_key, write_bytes_atomic, write_json_atomic
+from ..stages import key_of, run_stage
 from ..progress import log as _log
 from ..selection import methods
 from ..selection.allocation import SPLITS
@@ -110,7 +111,7 @@ def dry_run(cfg: BenchmarkConfig) -> str:
                       f" -> {cfg.output}",
                       pipeline.dry_run(sel), finetune.dry_run(ft),
                       f"evaluate: {cfg.evaluate.corpus.path or 'the demo held-out split'}"
-                      + (f" and {target}" if target else "") + f", {cfg.evaluate.num_actors} actors, "
+                      + (f" and {target}" if target else "") + f", {cfg.evaluate.actors.count} actors, "
                       f"{cfg.evaluate.max_new_tokens} new tokens"])
 
 
@@ -127,13 +128,15 @@ def global_clusters(run: RunDir, cfg: BenchmarkConfig) -> tuple[RunDir, dict]:
     dest, manifest = global_dir(cfg), run.read_manifest()
     k = cfg.global_k or cfg.selection.cluster.k * len(manifest["corpus"]["sources"])
     ccfg = replace(cfg.selection.cluster, per_source=False, k=k)
-    key = stage_key(manifest["stages"]["proxy"]["key"], to_dict(ccfg), cfg.selection.seed, "centroids")
-    done = dest.read_manifest()
-    if done.get("key") == key:
-        return dest, done["clusters"]
-    dest.ensure()
-    stats = cluster_run(run, ccfg, seed=cfg.selection.seed, num_points=cfg.selection.proxy.num_points, dest=dest)
-    dest.update_manifest(key=key, clusters=stats, cluster_config=to_dict(ccfg))
+    key = stage_key(key_of(run, "proxy"), to_dict(ccfg), cfg.selection.seed, "centroids")
+
+    def work() -> dict:
+        dest.ensure()
+        return cluster_run(run, ccfg, seed=cfg.selection.seed, num_points=cfg.selection.proxy.num_points, dest=dest)
+
+    stats, reused = run_stage(dest, "clusters", key, work, cluster_config=to_dict(ccfg))
+    if reused:
+        return dest, stats
     log(f"{GLOBAL}: one k-means of {k} clusters over all sources, source purity {stats['source_purity']:.3f}")
     return dest, stats
 
@@ -151,20 +154,19 @@ def subset(run: RunDir, cfg: BenchmarkConfig, label: str, seed: int) -> tuple[Ru
     if name == GLOBAL:
         clusters, _ = global_clusters(run, cfg)
         ccfg, pick = replace(ccfg, per_source=False), "s2l"
-        upstream["clusters"] = clusters.read_manifest()["key"]
+        upstream["clusters"] = key_of(clusters, "clusters")
     ccfg = replace(ccfg, source_split=split or "auto")
     select = replace(cfg.selection.select, method=pick, budgets=list(cfg.budgets))
     key = stage_key(upstream, label, cfg.budgets, seed, to_dict(select), ccfg.source_split)
-    done = dest.read_manifest()
-    if done.get("key") == key:
-        return dest, done["selection"]
-    dest.ensure()
-    started = time.time()
-    stats = select_run(run, select, ccfg, seed, num_points=cfg.selection.proxy.num_points, dest=dest,
-                       clusters=clusters)
-    stats["seconds"] = round(time.time() - started, 2)
-    dest.update_manifest(key=key, selection=stats)
-    return dest, stats
+
+    def work() -> dict:
+        dest.ensure()
+        started = time.time()
+        stats = select_run(run, select, ccfg, seed, num_points=cfg.selection.proxy.num_points, dest=dest,
+                           clusters=clusters)
+        return {**stats, "seconds": round(time.time() - started, 2)}
+
+    return dest, run_stage(dest, "selection", key, work)[0]
 
 
 def evaluations(cfg: BenchmarkConfig, models: list[str], outputs: list[str]) -> list[dict]:
@@ -205,7 +207,7 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
     pending = []
     for n, (budget, seed, data, stats) in enumerate(todo):
         out = posixpath.join(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
-        key = _cell_key(cfg, data.read_manifest().get("key"))
+        key = _cell_key(cfg, key_of(data, "selection"))
         done = _read(posixpath.join(out, "cell.json"))
         if done is None:
             pending.append((n, budget, seed, data, stats, out, key))

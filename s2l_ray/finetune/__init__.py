@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, replace
 
-from ..config import ConfigError, FinetuneConfig, parse_resources, to_dict
+from ..config import ConfigError, FinetuneConfig, to_dict
 from ..layout import RunDir, stage_key
 from ..models import resolve_gpu
 from ..nodes import check_visible
@@ -32,7 +32,7 @@ from .worker import train_loop
 
 __all__ = ["FinetuneError", "Plan", "STATE_FILE", "SUMMARY", "deepspeed_config", "demo_paths", "dry_run",
            "latest_checkpoint", "make_plan", "resolve_data", "resolve_model", "run", "run_many"]
-_SHARED = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures", "resources")
+_SHARED = ("workers", "use_gpu", "max_failures")
 
 
 def log(msg: str) -> None:
@@ -78,7 +78,7 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, bool]:
         return _finish(summary, state, train_seconds=state["seconds"]), False
     write_summary(run, summary)
     log(f"{stats['rows']} rows ({sum(stats['dropped'].values())} dropped), {plan.total_steps} steps over "
-        f"{cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.num_workers} workers"
+        f"{cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.workers.count} workers"
         + (f"; resuming from step {resume['step']}" if resume else ""))
     return summary, True
 
@@ -87,15 +87,14 @@ def dry_run(cfg: FinetuneConfig) -> str:
     """Check a fine-tuning config as far as it goes without its data, model or Ray; the plan, as lines."""
     gpu = cfg.use_gpu == "true"
     ds = deepspeed_config(cfg, gpu)
-    make_plan(cfg.num_workers * cfg.micro_batch_size * cfg.grad_accum, cfg)  # the step arithmetic holds
-    worker = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if gpu else {}) \
-        | parse_resources(cfg.resources, "finetune.resources")
+    make_plan(cfg.workers.count * cfg.micro_batch_size * cfg.grad_accum, cfg)  # the step arithmetic holds
+    worker = cfg.workers.ray_resources(gpu, "workers")
     return "\n".join([
         f"data:     {cfg.corpus.path}" + (f" (budget {cfg.budget})" if cfg.budget else "") + f" -> {cfg.output}",
         f"model:    {cfg.model or f'a fresh {cfg.preset!r} model'}, tokenizer {cfg.text.tokenizer or cfg.model}",
-        f"training: {cfg.epochs} epochs, lr {cfg.lr} {cfg.schedule}, {cfg.num_workers} workers x {worker}, "
+        f"training: {cfg.epochs} epochs, lr {cfg.lr} {cfg.schedule}, {cfg.workers.count} workers x {worker}, "
         f"ZeRO-{ds['zero_optimization']['stage']}, batch {ds['train_batch_size']} "
-        f"({cfg.micro_batch_size} x {cfg.grad_accum} accumulated x {cfg.num_workers}), "
+        f"({cfg.micro_batch_size} x {cfg.grad_accum} accumulated x {cfg.workers.count}), "
         f"{'bf16' if ds['bf16']['enabled'] else 'fp32'}, checkpoint every {cfg.checkpoint_every or 'end only'}"])
 
 
@@ -110,7 +109,7 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
     Starting a worker group (processes, process group, DeepSpeed) costs tens of seconds, which
     dominates short runs; a sweep pays it once. Runs already done are reused. With one run to
     do, it reports Ray Train checkpoints and resumes within the run. With several, they must
-    share the worker-group fields (num_workers, use_gpu, resources, max_failures) and have
+    share the worker-group fields (workers, use_gpu, max_failures) and have
     ``checkpoint_every`` 0: an interrupted sweep resumes run by run. ``sweep_dir`` (a path or
     URI) holds the sweep's Ray Train record.
     """
@@ -146,11 +145,10 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
         jobs.append({"cfg": s["config"], "plan": s["plan"], "deepspeed": s["deepspeed"], "data": data,
                      "output": out.uri})
     use_gpu = todo[0][1]["use_gpu"]
-    resources = ({"CPU": first.cpus_per_worker} | ({"GPU": first.gpus_per_worker} if use_gpu else {})
-                 | parse_resources(first.resources, "finetune.resources"))
+    resources = first.workers.ray_resources(use_gpu, "workers")
     trainer = TorchTrainer(
         train_loop, train_loop_config={"jobs": jobs, "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=first.workers.count, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage.root, storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, first.keep_checkpoints)),
                              failure_config=FailureConfig(max_failures=first.max_failures)))

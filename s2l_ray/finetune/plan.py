@@ -37,17 +37,17 @@ class Plan:
 
 def make_plan(rows: int, cfg: FinetuneConfig) -> Plan:
     """Each worker gets ``rows // num_workers`` rows; trailing micro-batches that do not fill a step are skipped."""
-    if min(cfg.num_workers, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.length_window) < 1:
-        raise ConfigError("num_workers, micro_batch_size, grad_accum, epochs and length_window must all be at least 1")
-    per_worker = rows // cfg.num_workers
+    if min(cfg.workers.count, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.length_window) < 1:
+        raise ConfigError("workers.count, micro_batch_size, grad_accum, epochs and length_window must all be at least 1")
+    per_worker = rows // cfg.workers.count
     micro = math.ceil(per_worker / cfg.micro_batch_size)
     spe = micro // cfg.grad_accum
     if spe == 0:
         raise FinetuneError(
-            f"{rows} training rows make no optimizer step: each of the {cfg.num_workers} workers needs at least "
+            f"{rows} training rows make no optimizer step: each of the {cfg.workers.count} workers needs at least "
             f"grad_accum={cfg.grad_accum} micro-batches of micro_batch_size={cfg.micro_batch_size} rows")
     total = spe * cfg.epochs
-    return Plan(rows, cfg.num_workers, per_worker, micro, spe, total, int(cfg.warmup_ratio * total))
+    return Plan(rows, cfg.workers.count, per_worker, micro, spe, total, int(cfg.warmup_ratio * total))
 
 
 def deepspeed_config(cfg: FinetuneConfig, use_gpu: bool) -> dict:
@@ -67,7 +67,7 @@ def deepspeed_config(cfg: FinetuneConfig, use_gpu: bool) -> dict:
                               "warmup_ratio and weight_decay")
     bf16 = resolve_bf16(cfg.precision, use_gpu)
     values = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
-              "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers,
+              "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * cfg.workers.count,
               "gradient_clipping": cfg.grad_clip, "bf16.enabled": bf16, "zero_optimization.stage": cfg.zero_stage}
     for dotted in _OWNED:
         *parents, leaf = dotted.split(".")
@@ -95,8 +95,8 @@ def _autos(node: Any, prefix: str = "") -> list[str]:
 def config_key(cfg: FinetuneConfig) -> str:
     """What a checkpoint depends on besides the data: training fields, model and tokenizer."""
     fields = to_dict(cfg)
-    for perf in ("output", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "cpus_per_worker",
-                 "gpus_per_worker", "resources"):
+    for perf in ("output", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "workers"):
         fields.pop(perf, None)
+    fields["num_workers"] = cfg.workers.count  # the global batch and each worker's rows depend on it
     fields["corpus"].pop("path")
     return stage_key(fields)

@@ -99,7 +99,7 @@ def _train(job: dict, resume: bool) -> None:
 
     cfg = from_dict(FinetuneConfig, job["cfg"])
     plan = Plan(**job["plan"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(max(1, int(cfg.workers.cpus)))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
