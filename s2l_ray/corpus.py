@@ -49,9 +49,12 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 # GSM8K (question, answer), MATH (problem, solution), Alpaca and MathInstruct (instruction, output).
 SCHEMAS = (("question", "answer"), ("problem", "solution"), ("instruction", "output"))
 DROP_REASONS = ("empty_prompt", "empty_response", "duplicate_id", "no_response_tokens")
-# A staged piece: the stored columns without idx, plus where each row came from and its content hash.
-STAGED_SCHEMA = pa.schema([f for f in STORED_SCHEMA if f.name != "idx"] + [
-    pa.field("at", pa.int64()), pa.field("row_hash", pa.binary(16))])
+# A staged piece: the stored columns without idx and the origin (written with the parts), plus where each row is
+# in the piece (``at``: a JSONL line's index in the piece, a Parquet or Arrow row's number in its file), a JSONL
+# line's byte offset in its (decompressed) file, and the row's content hash.
+STAGED_SCHEMA = pa.schema([f for f in STORED_SCHEMA if f.name not in ("idx", "origin", "origin_row", "origin_offset")]
+                          + [pa.field("at", pa.int64()), pa.field("offset", pa.int64()),
+                             pa.field("row_hash", pa.binary(16))])
 
 
 class CorpusError(ValueError):
@@ -208,8 +211,9 @@ def _where(piece: Piece, at: int) -> str:
     return f"{piece.uri}:{before + at + 1}"
 
 
-def _json_lines(piece: Piece) -> Iterator[list[tuple[int, bytes]]]:
-    """Chunks of (index in the piece, raw line) of the lines of a JSONL piece that start in [start, end)."""
+def json_lines(piece: Piece) -> Iterator[list[tuple[int, int, bytes]]]:
+    """Chunks of (index in the piece, byte offset in the file, raw line) of the lines of a JSONL piece that start in
+    [start, end)."""
     fs, path = resolve(piece.uri)
     whole = piece.end < 0
     f = fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) if whole \
@@ -218,7 +222,7 @@ def _json_lines(piece: Piece) -> Iterator[list[tuple[int, bytes]]]:
         pos = 0 if whole else _aligned_start(f, piece.start)
         if not whole:
             f.seek(pos)
-        rows: list[tuple[int, bytes]] = []
+        rows: list[tuple[int, int, bytes]] = []
         rest, n = b"", 0
         while whole or pos < piece.end:
             buf = f.read(1 << 22)
@@ -227,7 +231,7 @@ def _json_lines(piece: Piece) -> Iterator[list[tuple[int, bytes]]]:
             for raw in lines:
                 if not whole and pos >= piece.end:
                     break
-                rows.append((n, raw))
+                rows.append((n, pos, raw))
                 n += 1
                 pos += len(raw) + 1
             if len(rows) >= CHUNK_ROWS or not buf:
@@ -239,20 +243,22 @@ def _json_lines(piece: Piece) -> Iterator[list[tuple[int, bytes]]]:
             yield rows
 
 
-def _records(piece: Piece) -> Iterator[list[tuple[int, Any]]]:
-    """Chunks of (at, record) of a piece; ``at`` locates each row for ``_where``."""
+def _records(piece: Piece) -> Iterator[list[tuple[int, int, Any]]]:
+    """Chunks of (at, offset, record) of a piece: ``at`` locates each row for ``_where``, ``offset`` is a JSONL line's
+    byte offset (-1 for Parquet and Arrow rows); a blank JSONL line comes as record None (it counts as a line)."""
     if piece.fmt == "jsonl":
-        for chunk in _json_lines(piece):
+        for chunk in json_lines(piece):
             out = []
-            for at, raw in chunk:
+            for at, offset, raw in chunk:
                 if not raw.strip():
+                    out.append((at, offset, None))
                     continue
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise CorpusError(f"{_where(piece, at)}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 try:
-                    out.append((at, json.loads(line)))
+                    out.append((at, offset, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise CorpusError(f"{_where(piece, at)}: malformed JSON ({e.msg} at column {e.colno})") from None
             yield out
@@ -272,7 +278,7 @@ def _records(piece: Piece) -> Iterator[list[tuple[int, Any]]]:
     row = piece.first_row
     for b in batches:
         rows = b.to_pylist()
-        yield list(zip(range(row, row + len(rows)), rows))
+        yield [(r, -1, rec) for r, rec in zip(range(row, row + len(rows)), rows)]
         row += len(rows)
 
 
@@ -282,8 +288,9 @@ def records(cfg: CorpusConfig) -> Iterator[tuple[str, Any]]:
     fmt, files = discover(cfg)
     for piece in plan_pieces(fmt, files, 1 << 62):
         for chunk in _records(piece):
-            for at, rec in chunk:
-                yield _where(piece, at), rec
+            for at, _, rec in chunk:
+                if rec is not None:
+                    yield _where(piece, at), rec
 
 
 # normalising one row ----------------------------------------------------------------------------
@@ -324,6 +331,20 @@ def _chat_drop(conv: list[dict]) -> str | None:
     return None
 
 
+def columns_of(rec: dict, cfg: CorpusConfig) -> dict[str, str]:
+    """The columns of ``rec`` that ``normalise`` reads: ``{"messages": col}`` for a chat row (a ``corpus.messages``
+    or ``conversations`` column, and no prompt column), else ``{"prompt", "response"}`` (with the default names
+    absent, the first pair of ``SCHEMAS`` present) and, for Alpaca's ``instruction``, its ``"query"`` column
+    ``input`` when the row has one."""
+    chat_col = next((c for c in (cfg.messages, "conversations") if rec.get(c) is not None), None)
+    if chat_col is not None and cfg.prompt not in rec:
+        return {"messages": chat_col}
+    pcol, rcol = cfg.prompt, cfg.response
+    if pcol not in rec and (pcol, rcol) == ("prompt", "response"):  # another tool's own schema
+        pcol, rcol = next(((a, b) for a, b in SCHEMAS if a in rec and b in rec), (pcol, rcol))
+    return {"prompt": pcol, "response": rcol} | ({"query": "input"} if pcol == "instruction" and "input" in rec else {})
+
+
 def normalise(rec: Any, cfg: CorpusConfig) -> dict:
     """One record as ``{id, source, prompt, response, messages, drop}``: ``messages`` the JSON of a chat
     row's turns (else None); ``drop`` the reason the row is dropped (empty prompt or response) or None.
@@ -335,9 +356,10 @@ def normalise(rec: Any, cfg: CorpusConfig) -> dict:
     """
     if not isinstance(rec, dict):
         raise RowError(f"expected a JSON object, got {type(rec).__name__}")
-    chat_col = next((c for c in (cfg.messages, "conversations") if rec.get(c) is not None), None)
+    cols = columns_of(rec, cfg)
     messages = drop = None
-    if chat_col is not None and cfg.prompt not in rec:
+    if "messages" in cols:
+        chat_col = cols["messages"]
         conv = _conversation(rec[chat_col], chat_col)
         drop = _chat_drop(conv)
         answers = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
@@ -346,9 +368,7 @@ def normalise(rec: Any, cfg: CorpusConfig) -> dict:
         response = conv[last]["content"] if answers else ""
         messages = json.dumps(conv, ensure_ascii=False)
     else:
-        pcol, rcol = cfg.prompt, cfg.response
-        if pcol not in rec and (pcol, rcol) == ("prompt", "response"):  # another tool's own schema
-            pcol, rcol = next(((a, b) for a, b in SCHEMAS if a in rec and b in rec), (pcol, rcol))
+        pcol, rcol = cols["prompt"], cols["response"]
         for col in (pcol, rcol):
             if col not in rec:
                 raise RowError(f"missing field {col!r} (fields: {sorted(rec)}); set corpus.prompt / corpus.response "
@@ -357,8 +377,8 @@ def normalise(rec: Any, cfg: CorpusConfig) -> dict:
         for name, val in ((pcol, prompt), (rcol, response)):
             if not isinstance(val, str):
                 raise RowError(f"field {name!r} must be a string, got {type(val).__name__}")
-        if pcol == "instruction" and isinstance(rec.get("input"), str) and rec["input"].strip():
-            prompt = f"{prompt}\n\n{rec['input']}"  # Alpaca: the instruction, then its input
+        if "query" in cols and isinstance(rec[cols["query"]], str) and rec[cols["query"]]:
+            prompt = f"{prompt}\n{rec[cols['query']]}"  # Alpaca: the instruction, a newline, its input (as LLaMA-Factory)
         drop = "empty_prompt" if not prompt.strip() else "empty_response" if not response.strip() else None
     source = rec.get(cfg.source)
     source = cfg.default_source if source is None or source == "" else str(source)
@@ -469,13 +489,13 @@ def strict_error(where: str, reason: str, rid: str) -> CorpusError:
 def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: str, staging: str) -> dict:
     """Ray task: parse, normalise and tokenise one piece into the Arrow IPC file ``staging``.
 
-    Returns its kept rows, drops, and the id hash of every kept row in order (for the
-    duplicate check across pieces). Within the piece, a repeated id is dropped here.
+    Returns its kept rows, its JSONL lines (blank ones included), drops, and the id hash of every kept row in
+    order (for the duplicate check across pieces). Within the piece, a repeated id is dropped here.
     """
     started = time.perf_counter()
     tok, chat = _tokenizer(tokenizer, text.chat_template)
     fs, path = resolve(staging)
-    drops, seen, hashes, kept_rows, tokenizing = Drops(), set(), [], 0, 0.0
+    drops, seen, hashes, kept_rows, tokenizing, lines = Drops(), set(), [], 0, 0.0, 0
     pending = STAGED_SCHEMA.empty_table()
 
     def drop(reason: str, at: int, rid: str) -> None:
@@ -486,8 +506,11 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as sink, pa.ipc.new_file(sink, STAGED_SCHEMA) as writer:
         for chunk in _records(piece):
-            rows, ats = [], []
-            for at, rec in chunk:
+            rows, ats, offsets = [], [], []
+            for at, offset, rec in chunk:
+                lines = at + 1
+                if rec is None:
+                    continue
                 try:
                     r = normalise(rec, cfg)
                 except RowError as e:
@@ -500,6 +523,7 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
                     seen.add(r["id"])
                     rows.append(r)
                     ats.append(at)
+                    offsets.append(offset)
             if not rows:
                 continue
             tick = time.perf_counter()
@@ -517,6 +541,7 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
                 cols[k] = int32_lists([enc[k][i] for i in keep])
             cols["n_tokens"] = np.diff(cols["input_ids"].offsets.to_numpy())
             cols["at"] = [ats[i] for i in keep]
+            cols["offset"] = [offsets[i] for i in keep]
             cols["row_hash"] = [_row_hash(r) for r in kept]
             pending = pa.concat_tables([pending, pa.Table.from_pydict(cols, schema=STAGED_SCHEMA)])
             full = pending.num_rows - pending.num_rows % STAGE_BATCH
@@ -527,7 +552,7 @@ def ingest_piece(piece: Piece, cfg: CorpusConfig, text: TextConfig, tokenizer: s
             kept_rows += len(kept)
         if pending.num_rows:
             writer.write_batch(pending.combine_chunks().to_batches()[0])
-    return {"piece": piece.number, "rows": kept_rows, "dropped": drops.counts, "examples": drops.examples,
+    return {"piece": piece.number, "rows": kept_rows, "lines": lines, "dropped": drops.counts, "examples": drops.examples,
             "id_hash": np.concatenate(hashes) if hashes else np.empty(0, np.uint64),
             "seconds": time.perf_counter() - started, "tokenize_seconds": tokenizing}
 
@@ -629,9 +654,11 @@ def _duplicates(pieces: list[Piece], run_uri: str, strict: bool, bucket: int) ->
     return out
 
 
-def _write_part(run_uri: str, n: int, start: int, segments: list[tuple[int, int, int, list[int]]]) -> dict:
+def _write_part(run_uri: str, n: int, start: int, segments: list[tuple[int, int, int, list[int]]],
+                origins: dict[int, tuple[int, int]]) -> dict:
     """Ray task: corpus part n (global rows from ``start``) from staged piece segments
-    ``(piece, lo, hi, dropped positions)``; returns its statistics and content digest."""
+    ``(piece, lo, hi, dropped positions)``, each row with its origin (``origins[piece]``: the input's number and, for
+    JSONL, the file's line number of the piece's first line); returns its statistics and content digest."""
     from .layout import RunDir
 
     run = RunDir(run_uri)
@@ -640,10 +667,12 @@ def _write_part(run_uri: str, n: int, start: int, segments: list[tuple[int, int,
         t = _read_staged(_staged(run, p), lo, hi)
         if dropped:
             t = t.filter(pa.array(~np.isin(np.arange(lo, hi), dropped)))
-        tables.append(t)
+        source, first_line = origins[p]
+        tables.append(t.append_column("origin", pa.array(np.full(t.num_rows, source, np.int32)))
+                      .append_column("origin_row", pc.add(t.column("at"), first_line)))
     t = pa.concat_tables(tables)
     digest = hashlib.sha256(b"".join(t.column("row_hash").to_pylist())).hexdigest()
-    stored = t.drop_columns(["at", "row_hash"]).add_column(
+    stored = t.drop_columns(["at", "row_hash"]).rename_columns({"offset": "origin_offset"}).add_column(
         0, "idx", pa.array(np.arange(start, start + t.num_rows, dtype=np.int64)))
     write_parquet_atomic(run.fs, run.corpus_part(n), stored.select(STORED_SCHEMA.names).cast(STORED_SCHEMA))
     return {"part": n, "rows": t.num_rows, "digest": digest, "tokens": int(pc.sum(t.column("n_tokens")).as_py() or 0),
@@ -676,6 +705,24 @@ def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> l
                 segs.append((p, lo, hi, [d for d in drops.get(p, ()) if lo <= d < hi]))
         parts.append((start, segs))
     return parts
+
+
+def input_origins(pieces: list[Piece], results: list[dict]) -> tuple[list[dict], dict[int, tuple[int, int]]]:
+    """The input files (``{uri, format}``: jsonl, jsonl.gz, parquet or arrow) in corpus order, and per piece its
+    file's number and, for JSONL, the file's line number of its first line (the lines of the file's earlier
+    pieces, which each ingest task counted)."""
+    inputs: list[dict] = []
+    number: dict[str, int] = {}
+    origins, lines = {}, 0
+    for piece, r in zip(pieces, results):
+        if piece.uri not in number:
+            number[piece.uri] = len(inputs)
+            fmt = "jsonl.gz" if piece.fmt == "jsonl" and piece.uri.endswith(".gz") else piece.fmt
+            inputs.append({"uri": piece.uri, "format": fmt})
+            lines = 0
+        origins[piece.number] = (number[piece.uri], lines if piece.fmt == "jsonl" else 0)
+        lines += r["lines"]
+    return inputs, origins
 
 
 def _map_in_order(task, calls, on_result=None) -> list:
@@ -738,9 +785,10 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
         for p, pos, rid in found:  # the ids came with the positions: nothing is read here
             drops.setdefault(p, []).append(pos)
             dropped.add("duplicate_id", rid)
+        inputs, origins = input_origins(pieces, results)
         write = ray.remote(_write_part).options(num_cpus=1, scheduling_strategy="SPREAD")
-        parts = _map_in_order(write, ((run.uri, n, start, segs) for n, (start, segs) in
-                                      enumerate(_segments([r["rows"] for r in results], drops, part_rows))))
+        parts = _map_in_order(write, ((run.uri, n, start, segs, {p: origins[p] for p, *_ in segs}) for n, (start, segs)
+                                      in enumerate(_segments([r["rows"] for r in results], drops, part_rows))))
         if not parts:
             raise CorpusError(f"{cfg.path}: the corpus is empty" + (
                 f" (every row was dropped: {_drop_summary(dropped)})" if sum(dropped.counts.values()) else ""))
@@ -755,7 +803,7 @@ def store(run, cfg: CorpusConfig, text: TextConfig, tokenizer: str, part_rows: i
     nodes: dict[str, int] = {}
     for r in results:
         nodes[r["node"]] = nodes.get(r["node"], 0) + 1
-    return {"rows": sum(p["rows"] for p in parts), "pieces": len(pieces), "pieces_by_node": nodes,
+    return {"rows": sum(p["rows"] for p in parts), "pieces": len(pieces), "pieces_by_node": nodes, "inputs": inputs,
             "ingest_seconds": round(sum(r["seconds"] for r in results), 3),
             "tokenize_seconds": round(sum(r["tokenize_seconds"] for r in results), 3),
             "files": [posixpath.basename(run.corpus_part(p["part"])) for p in parts],

@@ -194,9 +194,12 @@ def markdown(metrics: dict) -> str:
 
 def resolve_paths(cfg: EvaluateConfig) -> tuple[str, str]:
     """The HF model dir (a fine-tuning output's model/ when given that) and the output dir; paths or URIs."""
+    from .hub import from_hub, hub_id
     from .layout import exists, resolve
 
-    model = absolute(cfg.model)
+    parsed = hub_id(cfg.model)
+    default_output = f"runs/eval-{parsed[0].replace('/', '--')}" if parsed else None  # not inside the Hub cache
+    model = absolute(from_hub(cfg.model, "model", {}, cfg.output or ""))
     fs, root = resolve(model)
     run_dir = model
     if exists(fs, posixpath.join(root, "model", "config.json")):
@@ -204,7 +207,7 @@ def resolve_paths(cfg: EvaluateConfig) -> tuple[str, str]:
     elif not exists(fs, posixpath.join(root, "config.json")):
         raise EvaluateError(f"{cfg.model}: not a model directory (no config.json) nor a fine-tuning output "
                             "(no model/config.json); run jobs/finetune.py first or pass --model")
-    return model, cfg.output or posixpath.join(run_dir, "eval")
+    return model, cfg.output or default_output or posixpath.join(run_dir, "eval")
 
 
 PROMPT_FORMAT = ("template", "chat_template")

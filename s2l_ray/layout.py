@@ -16,7 +16,10 @@ pyarrow filesystem URI (``s3://bucket/run``)::
       clusters.parquet              CLUSTERS_SCHEMA
       centroids.parquet             CENTROIDS_SCHEMA: the k-means centroids (to place target examples)
       selection.parquet             SELECTION_SCHEMA (selection-<budget>.parquet when several)
-      selected.jsonl                the selected corpus rows, ready for fine-tuning
+      selected.jsonl                the selected corpus rows, normalised: what jobs/finetune.py reads
+      selected.original.jsonl       the selected rows as the user gave them (.parquet for Parquet or datasets input)
+      selected.trl.parquet          the selected rows in TRL's SFTTrainer formats (prompt/completion or messages)
+      dataset_info.json, axolotl.yaml   LLaMA-Factory's and axolotl's dataset entries for the original rows
       report.png                    cluster-mean trajectories and cluster sizes
 """
 from __future__ import annotations
@@ -43,9 +46,12 @@ CORPUS_SCHEMA = pa.schema([
 ])
 # The stored corpus: the contract's columns plus the tokenised text under the proxy's tokenizer
 # (text.encode: the ids, and the [start, end) token spans that carry labels, flattened).
+# Each row keeps its origin: the input file's number in the manifest's ``corpus.inputs``, the line (JSONL,
+# 0-based, blank lines counted) or row (Parquet, Arrow) in it, and a JSONL line's byte offset (-1 otherwise).
 STORED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [
     pa.field("input_ids", pa.list_(pa.int32())), pa.field("spans", pa.list_(pa.int32())),
-    pa.field("n_tokens", pa.int32()), pa.field("n_response", pa.int32()), pa.field("truncated", pa.bool_())])
+    pa.field("n_tokens", pa.int32()), pa.field("n_response", pa.int32()), pa.field("truncated", pa.bool_()),
+    pa.field("origin", pa.int32()), pa.field("origin_row", pa.int64()), pa.field("origin_offset", pa.int64())])
 TRAJECTORY_SCHEMA = pa.schema([
     ("idx", pa.int64()),  # the row's position in the stored corpus
     ("id", pa.string()),
@@ -72,6 +78,8 @@ SELECTION_SCHEMA = pa.schema([
     ("cluster", pa.int32()),
     ("method", pa.string()),
     ("budget", pa.int64()),
+    ("file", pa.string()),  # the input file the row came from (null for a corpus stored without origins)
+    ("row", pa.int64()),  # its line (JSONL, 0-based, blank lines counted) or row (Parquet, Arrow) in that file
 ])
 
 
@@ -280,7 +288,20 @@ class RunDir:
         return self.path("selection.parquet" if budget is None else f"selection-{budget}.parquet")
 
     def selected_jsonl(self, budget: int | None = None) -> str:
-        return self.path("selected.jsonl" if budget is None else f"selected-{budget}.jsonl")
+        return self.selected_as(budget, "jsonl")
+
+    def selected_as(self, budget: int | None, suffix: str) -> str:
+        """A budget's selected rows in one form: ``jsonl`` (normalised, what fine-tuning reads), ``original.jsonl`` /
+        ``original.parquet`` (the user's own rows), ``trl.parquet`` (TRL's formats)."""
+        return self.path(f"selected.{suffix}" if budget is None else f"selected-{budget}.{suffix}")
+
+    def axolotl_yaml(self, budget: int | None = None) -> str:
+        return self.path("axolotl.yaml" if budget is None else f"axolotl-{budget}.yaml")
+
+    @property
+    def dataset_info(self) -> str:
+        """LLaMA-Factory's ``dataset_info.json``: an entry per budget for the original rows."""
+        return self.path("dataset_info.json")
 
     @property
     def report(self) -> str:

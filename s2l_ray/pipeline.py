@@ -58,8 +58,15 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
 
     from . import demo
     from .corpus import check_records, discover
+    from .hub import from_hub
     from .models import ModelError, load_model, load_tokenizer, preset_config
 
+    hub: dict[str, dict] = {}  # Hub ids, resolved to their snapshots (published under the run's URI on a cluster)
+    cfg = replace(cfg, corpus=replace(cfg.corpus, path=from_hub(cfg.corpus.path, "corpus.path", hub, run.uri, "dataset")),
+                  select=replace(cfg.select, target=from_hub(cfg.select.target, "select.target", hub, run.uri,
+                                                             "dataset")),
+                  proxy=replace(cfg.proxy, model=from_hub(cfg.proxy.model, "proxy.model", hub, run.uri)),
+                  text=replace(cfg.text, tokenizer=from_hub(cfg.text.tokenizer, "text.tokenizer", hub, run.uri)))
     is_demo = not cfg.corpus.path
     if is_demo:
         log(f"no corpus given: building the demo corpus ({len(cfg.demo.sources)} reasoning-gym sources) "
@@ -85,7 +92,7 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     cfg = replace(cfg, text=replace(cfg.text, tokenizer=tokenizer_dir))
     spec = {"dir": cfg.proxy.model} if cfg.proxy.model else {
         "config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.proxy.seed}
-    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo}
+    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo, "hub": hub}
 
 
 def target_config(cfg: S2LConfig):
@@ -265,6 +272,8 @@ def run_select(run: RunDir, cfg: S2LConfig) -> dict:
                          lambda: select_run(run, cfg.select, cfg.cluster, seed=cfg.seed, num_points=cfg.proxy.num_points),
                          reuse=False)
     log(f"selection: {cfg.select.method}, budgets {', '.join(stats['budgets'])} ({time.time() - started:.1f}s)")
+    for note in stats.get("notes", []):
+        log(f"selection: {note}")
     return stats
 
 
@@ -433,6 +442,7 @@ def select(cfg: S2LConfig) -> dict:
                   {"output": run.uri})
     run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])
+    run.update_manifest(hub=inputs["hub"], merge=False)  # each Hub id's repository and commit, this run's only
     corpus = run_corpus(run, cfg)
     check_sizes(cfg, method, corpus["rows"])
     run_target(run, cfg)

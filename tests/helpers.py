@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -124,6 +125,8 @@ def moto_s3():
     server.start()
     unpatch = fix_moto_complete_multipart()
     endpoint = "http://%s:%d" % server.get_host_and_port()
+    # moto keeps its buckets in the process, shared by every server it starts: each test module starts empty
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).read()
     try:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                      aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import BUCKET, RAY, S3_ENV, descendants, free_port, keys, moto_s3, running, stop_session, title, wait_for
@@ -130,12 +131,19 @@ def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, se
     objects = keys(fs, f"{BUCKET}/run")
     for name in ("manifest.json", "clusters.parquet", "centroids.parquet", "selection.parquet", "selected.jsonl",
                  "report.png", "report.html", "corpus/part-00000.parquet", "trajectories/_done.json", "proxy/_checkpoints.json",
+                 "selected.original.jsonl", "selected.trl.parquet", "dataset_info.json", "axolotl.yaml",
                  "trajectories/checkpoint=1/part-00000.parquet", "target/manifest.json", "target/corpus/part-00000.parquet",
                  "target/trajectories/checkpoint=0/part-00000.parquet", "target/trajectories/checkpoint=1/part-00000.parquet"):
         assert objects.get(name, 0) > 0, f"{name} missing: {sorted(objects)}"
     assert len([k for k in objects if k.endswith("/model/model.safetensors")]) == 2  # Ray Train's checkpoints
     manifest = json.loads(fs.open_input_stream(f"{BUCKET}/run/manifest.json").read())
     assert manifest["corpus"]["rows"] == 60 and manifest["clusters"]["k"] == 4
+    info = json.loads(fs.open_input_stream(f"{BUCKET}/run/dataset_info.json").read())
+    assert info["s2l_selected"]["cloud_file_name"] == s3("run/selected.original.jsonl")  # LLaMA-Factory reads S3
+    train = fs.open_input_stream(f"{BUCKET}/data/train.jsonl").read().split(b"\n")
+    picked = pq.read_table(f"{BUCKET}/run/selection.parquet", filesystem=fs).to_pylist()
+    assert fs.open_input_stream(f"{BUCKET}/run/selected.original.jsonl").read().split(b"\n")[:-1] == \
+        [train[r["row"]] for r in picked] and {r["file"] for r in picked} == {s3("data/train.jsonl")}
     assert manifest["selection"]["method"] == "s2l-target" and manifest["selection"]["target_rows"] == 50
     assert manifest["corpus"]["pieces"] >= 3 and len(manifest["corpus"]["pieces_by_node"]) == 2  # ingest on both
     # every stage's progress in `ray job logs`: the project's lines, each once, also those of the workers on node 2

@@ -2,6 +2,7 @@
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -101,7 +102,7 @@ def test_other_tools_schemas(tmp_path, demo_small):
     _, t = load(tmp_path / "a", demo_small, write_jsonl(tmp_path / "gsm.jsonl", gsm))
     assert as_rows(t)[0]["prompt"] == gsm[0]["question"] and as_rows(t)[0]["response"] == gsm[0]["answer"]
     _, t = load(tmp_path / "b", demo_small, write_jsonl(tmp_path / "alpaca.jsonl", alpaca))
-    assert [r["prompt"] for r in as_rows(t)] == ["Add the numbers.\n\n2 and 3", "Say hi."]
+    assert [r["prompt"] for r in as_rows(t)] == ["Add the numbers.\n2 and 3", "Say hi."]
     _, t = load(tmp_path / "c", demo_small, write_jsonl(tmp_path / "math.jsonl", math))
     assert as_rows(t)[0]["response"] == math[0]["solution"]
 
@@ -227,7 +228,13 @@ def test_parquet_row_groups_and_arrow_shards_are_pieces(tmp_path, demo_small):
     grouped, t1 = load(tmp_path / "pq", demo_small, tmp_path / "c.parquet", part_rows=256, piece_bytes=1)
     shards, t2 = load(tmp_path / "hf_run", demo_small, tmp_path / "hf", part_rows=256)
     assert serial["pieces"] == 1 and grouped["pieces"] == 7 and shards["pieces"] == 3
-    assert t0.equals(t1) and t0.equals(t2) and as_rows(t0) == rows
+    origin = ["origin", "origin_row", "origin_offset"]
+    assert t0.equals(t1) and t0.drop_columns(origin).equals(t2.drop_columns(origin)) and as_rows(t0) == rows
+    assert t0.column("origin_row").to_pylist() == list(range(2000)) and set(t0.column("origin").to_pylist()) == {0}
+    assert set(t0.column("origin_offset").to_pylist()) == {-1}
+    shard, at = t2.column("origin").to_numpy(), t2.column("origin_row").to_numpy()  # each shard's own rows
+    assert list(np.unique(shard)) == [0, 1, 2] and all(
+        (at[shard == k] == np.arange((shard == k).sum())).all() for k in range(3))
     assert serial["fingerprint"] == grouped["fingerprint"] == shards["fingerprint"]
     bad = [dict(r) for r in rows]
     bad[1234]["response"] = None

@@ -69,8 +69,12 @@ def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
     model is trained from scratch: for the demo (its tokenizer) or with a tokenizer given; a
     selection of the user's own corpus needs ``--model`` (the target), and is refused without.
     """
+    from ..hub import from_hub
     from ..models import load_tokenizer
 
+    hub: dict[str, dict] = {}
+    cfg = replace(cfg, model=from_hub(cfg.model, "model", hub, cfg.output),
+                  text=replace(cfg.text, tokenizer=from_hub(cfg.text.tokenizer, "text.tokenizer", hub, cfg.output)))
     if cfg.model:
         fs, root = resolve(cfg.model)
         if not exists(fs, posixpath.join(root, "config.json")):

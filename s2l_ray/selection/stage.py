@@ -62,47 +62,72 @@ def jsonl(rows: pa.Table) -> bytes:
     return "".join(out).encode()
 
 
+SELECTION_FILES = (r"selection(-\d+)?\.parquet|selected(-\d+)?\.(jsonl|original\.jsonl|original\.parquet|trl\.parquet)"
+                   r"|axolotl(-\d+)?\.yaml|dataset_info\.json")
+
+
 def remove_stale(dest: RunDir, keep: list[str]) -> list[str]:
-    """Delete the selection files in ``dest`` (``selection*.parquet``, ``selected*.jsonl``) not in ``keep``
-    (an earlier selection's other budgets, which fine-tuning must never pick up); returns them."""
+    """Delete the selection files in ``dest`` (``SELECTION_FILES``) not in ``keep`` (an earlier selection's other
+    budgets, which fine-tuning or the user's trainer must never pick up); returns them."""
     from pyarrow.fs import FileSelector, FileType
 
     stale = [i.path for i in dest.fs.get_file_info(FileSelector(dest.root)) if i.type == FileType.File
-             and re.fullmatch(r"selection(-\d+)?\.parquet|selected(-\d+)?\.jsonl", posixpath.basename(i.path))
-             and i.path not in keep]
+             and re.fullmatch(SELECTION_FILES, posixpath.basename(i.path)) and i.path not in keep]
     for path in stale:
         dest.fs.delete_file(path)
     return stale
 
 
 def write_selections(run: RunDir, picks: dict[int, np.ndarray], labels: np.ndarray | None, method: str,
-                     several: bool, dest: RunDir) -> None:
-    """One pass over ``run``'s corpus: per budget, the selection Parquet and the selected rows as JSONL in ``dest``.
+                     several: bool, dest: RunDir) -> list[str]:
+    """One pass over ``run``'s corpus: per budget, the selection Parquet (with each row's input file and line or
+    row) and the selected rows as JSONL in ``dest``, then the user's own rows and the trainers' hand-offs
+    (``export.write_exports``); returns what could not be written, as lines for the log.
 
     ``labels`` (cluster per row) is None for methods that use no clusters: the column is then null.
     """
+    from ..export import has_chat, trl_writer, write_exports
+
+    columns = ["id", "source", "prompt", "response", "messages"]
+    origin_columns = ["origin", "origin_row", "origin_offset"]
+    with_origin = bool(picks) and "origin" in pq.read_schema(run.corpus_files()[0], filesystem=run.fs).names
+    inputs = [i["uri"] for i in run.read_manifest()["corpus"].get("inputs", [])]
+    chat = has_chat(run)
     parts: dict[int, list[pa.Table]] = {b: [] for b in picks}
+    origins: dict[int, list[pa.Table]] = {b: [] for b in picks}
     with contextlib.ExitStack() as stack:
         out = {b: stack.enter_context(open_output_atomic(dest.fs, dest.selected_jsonl(b if several else None)))
                for b in picks}
+        trl = {b: stack.enter_context(trl_writer(dest, b if several else None, chat)) for b in picks}
         for _, start, rows, path in run.corpus_parts():
             end = start + rows
             local = {b: p[np.searchsorted(p, start):np.searchsorted(p, end)] for b, p in picks.items()}
             if any(len(v) for v in local.values()):
-                table = pq.read_table(path, filesystem=run.fs, columns=["id", "source", "prompt", "response",
-                                                                       "messages"])
+                table = pq.read_table(path, filesystem=run.fs, columns=columns + (origin_columns if with_origin else []))
                 for b, pos in local.items():
                     rows = table.take(pa.array(pos - start))
                     out[b].write(jsonl(rows))
+                    trl[b](rows)
+                    origin = rows.select(origin_columns) if with_origin else None
+                    if origin is not None:
+                        origins[b].append(origin)
                     parts[b].append(pa.table({
                         "id": rows.column("id"), "source": rows.column("source"),
                         "cluster": pa.nulls(len(pos), pa.int32()) if labels is None else labels[pos],
                         "method": pa.repeat(pa.scalar(method, pa.string()), len(pos)),
-                        "budget": pa.array(np.full(len(pos), b, np.int64))}, schema=SELECTION_SCHEMA))
+                        "budget": pa.array(np.full(len(pos), b, np.int64)),
+                        "file": pa.nulls(len(pos), pa.string()) if origin is None else
+                        [inputs[o] for o in origin.column("origin").to_numpy()],
+                        "row": pa.nulls(len(pos), pa.int64()) if origin is None else origin.column("origin_row")},
+                        schema=SELECTION_SCHEMA))
     for b, tables in parts.items():
         write_parquet_atomic(dest.fs, dest.selection(b if several else None), pa.concat_tables(tables))
-    remove_stale(dest, [p for b in picks for p in (dest.selection(b if several else None),
-                                                    dest.selected_jsonl(b if several else None))])
+    written, notes = write_exports(run, dest, {b: pa.concat_tables(t) for b, t in origins.items()} if with_origin
+                                   else None, several)
+    remove_stale(dest, written + [p for b in picks for p in (dest.selection(b if several else None),
+                                                            dest.selected_jsonl(b if several else None),
+                                                            dest.selected_as(b if several else None, "trl.parquet"))])
+    return notes
 
 
 def _target(run: RunDir, select_cfg: SelectConfig, method: methods.Method) -> RunDir | None:
@@ -225,11 +250,12 @@ def select_run(run: RunDir, select_cfg: SelectConfig, cluster_cfg: ClusterConfig
             raise SelectionError(f"method {method.name!r} returned {len(p)} positions for budget {b}, "
                                  "not that many distinct sorted rows of the corpus")
     selected = time.time()
-    write_selections(run, picks, inputs.labels, method.name, several=len(budgets) > 1, dest=dest or run)
+    notes = write_selections(run, picks, inputs.labels, method.name, several=len(budgets) > 1, dest=dest or run)
     labels = inputs.labels
     return {"method": method.name, "rows": n, "per_source": inputs.sources is not None, **info,
             "budgets": {str(b): {"selected": len(p),
                                  "clusters": None if labels is None else len(np.unique(labels[p])),
                                  "sources": dict(zip(names, np.bincount(codes[p], minlength=len(names)).tolist()))}
                         for b, p in picks.items()},
-            "timings": {"select": round(selected - start, 3), "write": round(time.time() - selected, 3)}}
+            "timings": {"select": round(selected - start, 3), "write": round(time.time() - selected, 3)},
+            **({"notes": notes} if notes else {})}
