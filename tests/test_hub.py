@@ -98,10 +98,15 @@ def test_a_hub_id_that_does_not_resolve_is_one_error(hub_cache, demo_small, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_local_folder_of_the_same_name_wins(hub_cache, smollm2_proxy, demo_small, tmp_path):
+def test_a_local_folder_of_the_same_name_wins(hub_cache, smollm2_proxy, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from s2l_ray import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read from the environment when it was imported
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.chdir(tmp_path)
+    path, record = hub.resolve("org/smol", "proxy.model")
+    assert record == {"id": "org/smol", "repo_type": "model", "revision": MAIN} and path.endswith(MAIN)
     shutil.copytree(smollm2_proxy, tmp_path / "org" / "smol")
-    proc = select(hub_cache, tmp_path, "--data", demo_small["train"], "--proxy-model", "org/smol",
-                  "--output", str(tmp_path / "run"), *SMALL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["hub"] == {} and manifest["config"]["proxy"]["model"] == str(tmp_path / "org" / "smol")
+    assert hub.resolve("org/smol", "proxy.model") == ("org/smol", None)  # read as the local folder it is
