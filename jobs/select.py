@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--clusters", type=int, help="K for k-means")
     p.add_argument("--num-workers", type=int, help="Ray Train workers for the proxy")
-    p.add_argument("--proxy-model", help="local directory of the proxy causal LM (default: tiny preset)")
+    p.add_argument("--proxy-model", help="the proxy causal LM: a model dir, URI or Hub id ORG/NAME[@REV] "
+                                         "(default: a fresh tiny preset)")
+    p.add_argument("--checkpoints", nargs="+", metavar="DIR",
+                   help="your own checkpoints instead of a proxy run: model dirs, or a training output whose "
+                        "checkpoint-N folders are used in step order (local or URIs)")
     p.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, progress bars, warnings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set proxy.epochs=2 (repeatable)")
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"corpus.path": a.data, "output": a.output, "select.budgets": a.budget, "select.method": a.method,
                  "select.target": a.target,
                  "seed": a.seed, "cluster.k": a.clusters, "proxy.workers.count": a.num_workers,
-                 "proxy.model": a.proxy_model}
+                 "proxy.model": a.proxy_model, "proxy.checkpoints": a.checkpoints}
     config = a.config
     if config is None and a.data is None:
         config = DEMO_CONFIG

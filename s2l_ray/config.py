@@ -110,6 +110,9 @@ class ProxyConfig:
     weight_decay: float = 0.0
     batch_size: int = 16  # per worker
     num_points: int = 12  # T: trajectory points spread evenly over training
+    # your own checkpoints instead of training a proxy (--checkpoints): model dirs, or a training output whose
+    # checkpoint-N folders are used in step order; local paths or URIs. Each is a trajectory point (num_points follows)
+    checkpoints: list[str] = field(default_factory=list)
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     # Ray Train workers (count: part of the trajectories' key, it fixes the training order); gpus below 1 would put

@@ -150,6 +150,38 @@ def save_model(model: PreTrainedModel, tokenizer: Any, path: str) -> str:
     return path
 
 
+def own_checkpoints(paths: list[str]) -> list[tuple[int, str]]:
+    """``(step, dir)`` of each of the user's checkpoints, in step order: a model directory (``config.json``) as it is
+    (its step from a ``checkpoint-N`` name, else its place in the list), or a training output's ``checkpoint-N``
+    folders (Hugging Face's Trainer, TRL, axolotl, LLaMA-Factory) by N."""
+    import posixpath
+    import re
+
+    import pyarrow.fs as pafs
+
+    from .layout import exists, resolve
+
+    out: list[tuple[int, str]] = []
+    for p in paths:
+        fs, root = resolve(p)
+        if exists(fs, posixpath.join(root, "config.json")):
+            m = re.fullmatch(r"checkpoint-(\d+)", posixpath.basename(root.rstrip("/")))
+            out.append((int(m[1]) if m else len(out), p))
+            continue
+        found = sorted((int(m[1]), posixpath.join(p, i.base_name))
+                       for i in (fs.get_file_info(pafs.FileSelector(root)) if exists(fs, root) else [])
+                       if i.type == pafs.FileType.Directory and (m := re.fullmatch(r"checkpoint-(\d+)", i.base_name))
+                       and exists(fs, posixpath.join(i.path, "config.json")))
+        if not found:
+            raise ConfigError(f"proxy.checkpoints: {p} is neither a model directory (config.json) nor a training "
+                              "output holding checkpoint-N folders")
+        out += found
+    steps = [s for s, _ in out]
+    if steps != sorted(set(steps)):
+        raise ConfigError(f"proxy.checkpoints: steps {steps} are not increasing; give the checkpoints in training order")
+    return out
+
+
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

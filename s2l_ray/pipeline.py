@@ -59,7 +59,7 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     from . import demo
     from .corpus import check_records, discover
     from .hub import from_hub
-    from .models import ModelError, load_model, load_tokenizer, preset_config
+    from .models import ModelError, load_model, load_tokenizer, own_checkpoints, preset_config
 
     hub: dict[str, dict] = {}  # Hub ids, resolved to their snapshots (published under the run's URI on a cluster)
     cfg = replace(cfg, corpus=replace(cfg.corpus, path=from_hub(cfg.corpus.path, "corpus.path", hub, run.uri, "dataset")),
@@ -78,7 +78,14 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     if cfg.select.target:  # a few hundred rows: every record is checked here, before anything starts
         check_records(target_config(cfg))
     cfg = replace(cfg, proxy=replace(cfg.proxy, model=absolute(cfg.proxy.model)))  # Train workers run elsewhere
-    tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model
+    points = own_checkpoints([absolute(p) for p in cfg.proxy.checkpoints]) if cfg.proxy.checkpoints else []
+    if points:
+        if cfg.proxy.model:
+            raise ConfigError("proxy.model and proxy.checkpoints: give one (your checkpoints are the proxy)")
+        log(f"proxy: your {len(points)} checkpoints (steps {[s for s, _ in points]}) are the trajectory points; "
+            "no proxy is trained")
+        cfg = replace(cfg, proxy=replace(cfg.proxy, num_points=len(points)))
+    tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model or (points[0][1] if points else "")
     try:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         if cfg.proxy.model:
@@ -92,7 +99,7 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     cfg = replace(cfg, text=replace(cfg.text, tokenizer=tokenizer_dir))
     spec = {"dir": cfg.proxy.model} if cfg.proxy.model else {
         "config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.proxy.seed}
-    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo, "hub": hub}
+    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo, "hub": hub, "points": points}
 
 
 def target_config(cfg: S2LConfig):
@@ -187,14 +194,17 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     from . import proxy
     from .models import resolve_bf16, resolve_gpu
 
-    p = to_dict(cfg.proxy)
-    for perf in ("workers", "use_gpu", "precision"):  # precision: below
-        p.pop(perf)
-    key = stage_key(corpus["fingerprint"], p, cfg.proxy.workers.count)  # the count fixes the training order
+    if inputs["points"]:  # the user's own checkpoints are the proxy
+        key = stage_key(corpus["fingerprint"], inputs["points"], "own checkpoints")
+    else:
+        p = to_dict(cfg.proxy)
+        for perf in ("workers", "use_gpu", "precision"):  # precision: below
+            p.pop(perf)
+        key = stage_key(corpus["fingerprint"], p, cfg.proxy.workers.count)  # the count fixes the training order
     rec = run.read_manifest().get("stages", {}).get("proxy")
     if rec and rec.get("key") != key:
-        raise LayoutError(f"{run.uri} holds trajectories made with another proxy config (proxy.seed included); "
-                          "use a new --output or delete that directory")
+        raise LayoutError(f"{run.uri} holds trajectories made with another proxy config (proxy.seed included) or "
+                          "other checkpoints; use a new --output or delete that directory")
     precision = "bf16" if resolve_bf16(cfg.proxy.precision, resolve_gpu(cfg.proxy.use_gpu)) else "fp32"
     if rec and rec.get("precision", precision) != precision:
         raise LayoutError(f"{run.uri} holds trajectories made in {rec['precision']}, and proxy.precision="
@@ -202,11 +212,15 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
                           " to go on with them, or use a new --output")
     run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec), "precision": precision}})
     cfg = replace(cfg, proxy=replace(cfg.proxy, precision=precision))
-    log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
-        f"{cfg.proxy.workers.count} workers, {precision}")
+    if not inputs["points"]:
+        log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
+            f"{cfg.proxy.workers.count} workers, {precision}")
     started = time.time()
     target = run.target if cfg.select.target else None
-    stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], target=target)
+    if inputs["points"]:
+        stats = score_own_checkpoints(run, cfg, inputs["points"], target)
+    else:
+        stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], target=target)
     if len(stats["reused_points"]) == cfg.proxy.num_points:  # the corpus's points reused: their record stays
         log(f"proxy: reusing the {len(stats['reused_points'])} finished trajectory points in "
             f"{run.uri_of('trajectories')}")
@@ -219,6 +233,28 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     log(f"proxy: trajectories complete in {run.uri_of('trajectories')} ({time.time() - started:.1f}s; "
         f"reused points {stats['reused_points']})")
     return stats
+
+
+def score_own_checkpoints(run: RunDir, cfg: S2LConfig, points: list[tuple[int, str]], target: RunDir | None) -> dict:
+    """The user's checkpoints as the trajectory points: each scored (the corpus, and the target examples when given)
+    where a run lacks it, and recorded in the checkpoints index (embeddings read the last); no training."""
+    from ray.train import Checkpoint
+
+    from .layout import resolve
+    from .models import resolve_gpu
+    from .scoring import score_point
+
+    runs = [run] + ([target] if target is not None else [])
+    reused = sorted(run.done_points())
+    for t, (step, uri) in enumerate(points):
+        run.mark_checkpoint(t, {"step": step, "path": uri, "uri": uri})
+        todo = [r.uri for r in runs if t not in r.done_points()]
+        if todo:
+            fs, path = resolve(uri)
+            rec = score_point(todo, t, step, Checkpoint(path, fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu),
+                              cfg.proxy.precision)
+            log(f"proxy: point {t + 1}/{len(points)}, your checkpoint at step {step}, scored ({rec['seconds']:.1f}s)")
+    return {"checkpoints": [{"step": s, "uri": u} for s, u in points], "reused_points": reused, "trained": False}
 
 
 def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
@@ -244,6 +280,7 @@ def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
     from ray.train import Checkpoint
 
     from .embeddings import embed
+    from .layout import resolve
     from .models import resolve_gpu
 
     key = stage_key(key_of(run, "proxy"), "embeddings")
@@ -257,7 +294,8 @@ def run_embeddings(run: RunDir, cfg: S2LConfig) -> None:
         raise LayoutError(f"{run.checkpoints_index} lists no final proxy checkpoint to embed the rows with")
     started = time.time()
     precision = run.read_manifest()["stages"]["proxy"].get("precision", cfg.proxy.precision)  # the trajectories'
-    done = embed(runs, Checkpoint(last["path"], run.fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu), precision)
+    fs, path = resolve(last["uri"]) if "uri" in last else (run.fs, last["path"])  # the user's own, or the proxy's
+    done = embed(runs, Checkpoint(path, fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu), precision)
     for r in runs:
         record(r, "embeddings", key, started, rows=done[r.uri]["rows"], compute_seconds=done[r.uri]["compute_seconds"])
     rows = ", ".join(f"{v['rows']} rows of {u}" for u, v in done.items())
@@ -366,6 +404,8 @@ def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
 
     if not method.full:
         resolve_budgets(cfg.select.budgets, rows)
+    if cfg.proxy.checkpoints:  # no proxy trains: nothing to fit in its steps
+        return
     try:
         make_plan(rows, cfg.proxy)
     except ProxyError as e:
@@ -438,7 +478,8 @@ def select(cfg: S2LConfig) -> dict:
     cfg = resolve_device(cfg)
     check_gpus(cfg)
     check_visible({"corpus.path": cfg.corpus.path, "select.target": cfg.select.target, "proxy.model": cfg.proxy.model,
-                   "text.tokenizer": cfg.text.tokenizer},
+                   "text.tokenizer": cfg.text.tokenizer}
+                  | {f"proxy.checkpoints: {uri}": uri for _, uri in inputs["points"]},
                   {"output": run.uri})
     run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])

@@ -86,11 +86,14 @@ def score_rows(model: torch.nn.Module, input_ids: list, spans: list[list[int]], 
 
 @contextlib.contextmanager
 def model_weights(checkpoint: Any):
-    """A local directory of a proxy checkpoint's ``model/`` only: the checkpoint's own folder on a local
-    filesystem, else a temporary copy of just that subfolder (not the optimizer state beside it)."""
+    """A local directory of a proxy checkpoint's ``model/`` only (or of the checkpoint itself when it is a model
+    directory: the user's own checkpoints): the checkpoint's own folder on a local filesystem, else a temporary copy
+    of just that folder (not the optimizer state beside it)."""
     import pyarrow.fs as pafs
 
     src = posixpath.join(checkpoint.path, "model")
+    if not exists(checkpoint.filesystem, posixpath.join(src, "config.json")):
+        src = checkpoint.path
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         yield src
         return
