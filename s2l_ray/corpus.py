@@ -168,6 +168,8 @@ def plan_pieces(fmt: str, files: list[str], piece_bytes: int) -> list[Piece]:
                 if size >= piece_bytes or g == meta.num_row_groups - 1:
                     add(uri=uri, fmt="parquet", start=start, end=g + 1, first_row=first)
                     start, size, first = g + 1, 0, row
+        elif _json_array(fs, path):  # one JSON array (MathInstruct's own file, Alpaca's): read whole, in one task
+            add(uri=uri, fmt="json")
         elif path.endswith(".gz"):
             add(uri=uri, fmt="jsonl")
         else:
@@ -175,6 +177,13 @@ def plan_pieces(fmt: str, files: list[str], piece_bytes: int) -> list[Piece]:
             for s in range(0, max(size, 1), piece_bytes):
                 add(uri=uri, fmt="jsonl", start=s, end=min(s + piece_bytes, size))
     return pieces
+
+
+def _json_array(fs: Any, path: str) -> bool:
+    """Whether a .json/.jsonl file holds one JSON array rather than JSON lines (its first non-blank byte is ``[``)."""
+    with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
 
 
 # reading one piece ------------------------------------------------------------------------------
@@ -264,6 +273,9 @@ def _records(piece: Piece) -> Iterator[list[tuple[int, int, Any]]]:
             yield out
         return
     fs, path = resolve(piece.uri)
+    if piece.fmt == "json":
+        yield from _array_records(piece, fs, path)
+        return
     if piece.fmt == "parquet":
         try:
             pf = pq.ParquetFile(fs.open_input_file(path))
@@ -280,6 +292,20 @@ def _records(piece: Piece) -> Iterator[list[tuple[int, int, Any]]]:
         rows = b.to_pylist()
         yield [(r, -1, rec) for r, rec in zip(range(row, row + len(rows)), rows)]
         row += len(rows)
+
+
+def _array_records(piece: Piece, fs: Any, path: str) -> Iterator[list[tuple[int, int, Any]]]:
+    """Chunks of (row, -1, record) of a file holding one JSON array."""
+    with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorpusError(f"{piece.uri}: malformed JSON array ({e})") from None
+    if not isinstance(data, list):
+        raise CorpusError(f"{piece.uri}: expected a JSON array of records or JSON lines")
+    for lo in range(0, len(data), CHUNK_ROWS):
+        yield [(i, -1, rec) for i, rec in enumerate(data[lo:lo + CHUNK_ROWS], lo)]
 
 
 def records(cfg: CorpusConfig) -> Iterator[tuple[str, Any]]:

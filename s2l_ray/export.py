@@ -82,6 +82,8 @@ def write_original(inputs: list[dict], origin: pa.Table, dest: RunDir, budget: i
     input order (files in turn, rows in file order), so each file is read once, in order."""
     which = origin.column("origin").to_numpy()
     files = np.unique(which).tolist()
+    if any(inputs[i]["format"] == "json" for i in files):  # a JSON array in: the same records as a JSON array out
+        return _write_json_array(inputs, origin, dest, budget)
     if inputs[0]["format"].startswith("jsonl"):
         offset = origin.column("origin_offset").to_numpy()
         path = dest.selected_as(budget, "original.jsonl")
@@ -99,6 +101,28 @@ def write_original(inputs: list[dict], origin: pa.Table, dest: RunDir, budget: i
     path = dest.selected_as(budget, "original.parquet")
     write_parquet_atomic(dest.fs, path, table)
     return path, table.slice(0, 1).to_pylist()[0]
+
+
+def _write_json_array(inputs: list[dict], origin: pa.Table, dest: RunDir, budget: int | None) -> tuple[str, dict]:
+    """``selected.original.json``: the selected records (every field, the same values) as one JSON array, one record
+    a line; from JSON arrays (and any JSON-lines files beside them)."""
+    which = origin.column("origin").to_numpy()
+    row, offset = origin.column("origin_row").to_numpy(), origin.column("origin_offset").to_numpy()
+    records: list = []
+    for i in np.unique(which).tolist():
+        spec = inputs[i]
+        if spec["format"] == "json":
+            fs, path = resolve(spec["uri"])
+            with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
+                data = json.loads(f.read())
+            records += [data[r] for r in row[which == i].tolist()]
+        else:
+            read = _gzip_lines if spec["format"] == "jsonl.gz" else _jsonl_lines
+            records += [json.loads(line) for line in read(spec["uri"], offset[which == i])]
+    path = dest.selected_as(budget, "original.json")
+    write_bytes_atomic(dest.fs, path, ("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+                                       + "\n]\n").encode())
+    return path, records[0]
 
 
 TRL_PAIRS = pa.schema([("prompt", pa.string()), ("completion", pa.string())])
@@ -212,7 +236,7 @@ def write_exports(run: RunDir, dest: RunDir, origins: dict[int, pa.Table] | None
         uri = dest.uri_of(posixpath.basename(path))
         info["s2l_selected" if budget is None else f"s2l_{b}"] = llamafactory_entry(m, uri)
         axolotl = dest.axolotl_yaml(budget)
-        fmt = "jsonl" if path.endswith(".jsonl") else "parquet"
+        fmt = "parquet" if path.endswith(".parquet") else "jsonl"  # axolotl's json reads lines and arrays alike
         write_bytes_atomic(dest.fs, axolotl, yaml.safe_dump({"datasets": [axolotl_entry(m, uri, fmt)]},
                                                           sort_keys=False).encode())
         written += [path, axolotl]

@@ -105,6 +105,12 @@ def test_other_tools_schemas(tmp_path, demo_small):
     assert [r["prompt"] for r in as_rows(t)] == ["Add the numbers.\n2 and 3", "Say hi."]
     _, t = load(tmp_path / "c", demo_small, write_jsonl(tmp_path / "math.jsonl", math))
     assert as_rows(t)[0]["response"] == math[0]["solution"]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca, indent=2))  # one JSON array, as Alpaca ships it
+    _, t = load(tmp_path / "d", demo_small, tmp_path / "alpaca.json")
+    assert [r["prompt"] for r in as_rows(t)] == ["Add the numbers.\n2 and 3", "Say hi."]
+    (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},')
+    with pytest.raises(CorpusError, match=r"broken\.json: malformed JSON array"):
+        load(tmp_path / "e", demo_small, tmp_path / "broken.json")
 
 
 def test_truncation_is_counted(tmp_path, demo_small):

@@ -211,3 +211,21 @@ def test_trl_trains_on_the_hand_off(ray_local, demo_small, smollm2_proxy, tmp_pa
                                             use_cpu=True, save_strategy="no", logging_steps=1, max_length=128))
         result = trainer.train()
         assert result.global_step == 3 and np.isfinite(result.training_loss)
+
+
+def test_a_json_array_file_comes_back_as_the_same_records(ray_local, demo_small, tmp_path):
+    """One JSON array, as MathInstruct and Alpaca ship theirs: read whole, and the subset is the same records as an
+    array (every field, the same values) that LLaMA-Factory reads as it read the input."""
+    rows = alpaca_rows("algebra", 10) + alpaca_rows("geometry", 10)
+    (tmp_path / "MathInstruct.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2))
+    run = stored_run(tmp_path, CorpusConfig(path=str(tmp_path / "MathInstruct.json")), demo_small["tokenizer"])
+    assert run.read_manifest()["corpus"]["rows"] == 18  # the two rows with an empty output dropped
+    select(run, 8)
+    back = json.loads(open(run.selected_as(None, "original.json")).read())
+    sel = pq.read_table(run.selection()).to_pylist()
+    assert back == [rows[r["row"]] for r in sel] and [r["id"] for r in back] == [r["id"] for r in sel]
+    entry = json.loads(open(run.dataset_info).read())["s2l_selected"]
+    assert entry["file_name"] == "selected.original.json" and entry["formatting"] == "alpaca"
+    trained = normalised_selection(run)
+    assert [{"prompt": r["prompt"], "response": r["response"]} for r in llamafactory_read(entry, back)] == \
+        [{"prompt": r["prompt"], "response": r["response"]} for r in trained]

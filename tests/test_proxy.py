@@ -4,6 +4,7 @@ The corpus is the small demo (3 sources, written source by source) stored in 8 p
 """
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from s2l_ray import pipeline
 from s2l_ray.cli import user_error
+from s2l_ray.selection.stage import SELECTION_FILES
 from s2l_ray.config import load_config
 from s2l_ray.layout import TRAJECTORY_SCHEMA, LayoutError, RunDir
 from s2l_ray.models import load_model, load_tokenizer
@@ -126,8 +128,9 @@ def test_a_selection_removes_the_files_of_budgets_it_does_not_rewrite(proxy_run)
     pipeline.select(load_config(None, {**vars_of(cfg), "select.budgets": "10,20", "cluster.k": 3}))
     assert os.path.exists(run.selected_jsonl(10)) and not os.path.exists(run.selected_jsonl())
     pipeline.select(load_config(None, {**vars_of(cfg), "select.budgets": "15", "cluster.k": 3}))
-    left = sorted(f for f in os.listdir(run.root) if f.startswith("select"))
-    assert left == ["selected.jsonl", "selection.parquet"]
+    left = sorted(f for f in os.listdir(run.root) if re.fullmatch(SELECTION_FILES, f))
+    assert left == ["axolotl.yaml", "dataset_info.json", "selected.jsonl", "selected.original.jsonl",
+                    "selected.trl.parquet", "selection.parquet"]  # no file of budgets 10 and 20 in any form
 
 
 def test_another_method_or_budget_rescores_nothing(proxy_run):

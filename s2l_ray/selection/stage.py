@@ -62,7 +62,8 @@ def jsonl(rows: pa.Table) -> bytes:
     return "".join(out).encode()
 
 
-SELECTION_FILES = (r"selection(-\d+)?\.parquet|selected(-\d+)?\.(jsonl|original\.jsonl|original\.parquet|trl\.parquet)"
+SELECTION_FILES = (r"selection(-\d+)?\.parquet|selected(-\d+)?\.(jsonl|original\.jsonl|original\.json|original\.parquet"
+                   r"|trl\.parquet)"
                    r"|axolotl(-\d+)?\.yaml|dataset_info\.json")
 
 
