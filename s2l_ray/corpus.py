@@ -180,7 +180,10 @@ def plan_pieces(fmt: str, files: list[str], piece_bytes: int) -> list[Piece]:
 
 
 def _json_array(fs: Any, path: str) -> bool:
-    """Whether a .json/.jsonl file holds one JSON array rather than JSON lines (its first non-blank byte is ``[``)."""
+    """Whether a ``.json`` file holds one JSON array rather than JSON lines (its first non-blank byte is ``[``); a
+    ``.jsonl`` file is always JSON lines."""
+    if not path.endswith((".json", ".json.gz")):
+        return False
     with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(b"[")
