@@ -277,7 +277,7 @@ def _records(piece: Piece) -> Iterator[list[tuple[int, int, Any]]]:
         return
     fs, path = resolve(piece.uri)
     if piece.fmt == "json":
-        yield from _array_records(piece, fs, path)
+        yield from _array_records(piece)
         return
     if piece.fmt == "parquet":
         try:
@@ -297,16 +297,23 @@ def _records(piece: Piece) -> Iterator[list[tuple[int, int, Any]]]:
         row += len(rows)
 
 
-def _array_records(piece: Piece, fs: Any, path: str) -> Iterator[list[tuple[int, int, Any]]]:
-    """Chunks of (row, -1, record) of a file holding one JSON array."""
+def read_json_array(uri: str) -> list:
+    """The records of a file holding one JSON array (gzipped or not)."""
+    fs, path = resolve(uri)
     with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
         raw = f.read()
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorpusError(f"{piece.uri}: malformed JSON array ({e})") from None
+        raise CorpusError(f"{uri}: malformed JSON array ({e})") from None
     if not isinstance(data, list):
-        raise CorpusError(f"{piece.uri}: expected a JSON array of records or JSON lines")
+        raise CorpusError(f"{uri}: expected a JSON array of records or JSON lines")
+    return data
+
+
+def _array_records(piece: Piece) -> Iterator[list[tuple[int, int, Any]]]:
+    """Chunks of (row, -1, record) of a file holding one JSON array."""
+    data = read_json_array(piece.uri)
     for lo in range(0, len(data), CHUNK_ROWS):
         yield [(i, -1, rec) for i, rec in enumerate(data[lo:lo + CHUNK_ROWS], lo)]
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import CorpusConfig, TextConfig
-from .corpus import ROLES, Piece, json_lines, columns_of
+from .corpus import ROLES, Piece, columns_of, json_lines, read_json_array
 from .layout import RunDir, open_output_atomic, resolve, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 BLOCK = 1 << 20  # bytes read at a time around selected JSONL lines
@@ -58,6 +58,11 @@ def _gzip_lines(uri: str, offsets: np.ndarray) -> list[bytes]:
     for chunk in json_lines(Piece(number=0, uri=uri, fmt="jsonl")):
         out.update((pos, raw) for _, pos, raw in chunk if pos in wanted)
     return [out[o] for o in offsets.tolist()]
+
+
+def _lines(spec: dict, offsets: np.ndarray) -> list[bytes]:
+    """The lines at ``offsets`` of the JSON-lines input ``spec`` (``{uri, format}``), gzipped or not."""
+    return (_gzip_lines if spec["format"] == "jsonl.gz" else _jsonl_lines)(spec["uri"], offsets)
 
 
 def _table_rows(uri: str, fmt: str, rows: np.ndarray) -> pa.Table:
@@ -90,8 +95,7 @@ def write_original(inputs: list[dict], origin: pa.Table, dest: RunDir, budget: i
         first = None
         with open_output_atomic(dest.fs, path) as out:
             for i in files:
-                read = _gzip_lines if inputs[i]["format"] == "jsonl.gz" else _jsonl_lines
-                lines = read(inputs[i]["uri"], offset[which == i])
+                lines = _lines(inputs[i], offset[which == i])
                 first = first or json.loads(lines[0])
                 out.write(b"".join(line + b"\n" for line in lines))
         return path, first
@@ -110,15 +114,11 @@ def _write_json_array(inputs: list[dict], origin: pa.Table, dest: RunDir, budget
     row, offset = origin.column("origin_row").to_numpy(), origin.column("origin_offset").to_numpy()
     records: list = []
     for i in np.unique(which).tolist():
-        spec = inputs[i]
-        if spec["format"] == "json":
-            fs, path = resolve(spec["uri"])
-            with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
-                data = json.loads(f.read())
+        if inputs[i]["format"] == "json":
+            data = read_json_array(inputs[i]["uri"])
             records += [data[r] for r in row[which == i].tolist()]
         else:
-            read = _gzip_lines if spec["format"] == "jsonl.gz" else _jsonl_lines
-            records += [json.loads(line) for line in read(spec["uri"], offset[which == i])]
+            records += [json.loads(line) for line in _lines(inputs[i], offset[which == i])]
     path = dest.selected_as(budget, "original.json")
     write_bytes_atomic(dest.fs, path, ("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
                                        + "\n]\n").encode())
