@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints", nargs="+", metavar="DIR",
                    help="your own checkpoints instead of a proxy run: model dirs, or a training output whose "
                         "checkpoint-N folders are used in step order (local or URIs)")
+    p.add_argument("--losses", nargs="+", metavar="PATH",
+                   help="the official S2L code's losses.pt files instead of a proxy run: files, or folders whose "
+                        "checkpoint-N folders hold them (the corpus must be the data file they were computed on)")
     p.add_argument("--verbose", action="store_true", help="Ray's own output too (worker logs, progress bars, warnings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set proxy.epochs=2 (repeatable)")
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"corpus.path": a.data, "output": a.output, "select.budgets": a.budget, "select.method": a.method,
                  "select.target": a.target,
                  "seed": a.seed, "cluster.k": a.clusters, "proxy.workers.count": a.num_workers,
-                 "proxy.model": a.proxy_model, "proxy.checkpoints": a.checkpoints}
+                 "proxy.model": a.proxy_model, "proxy.checkpoints": a.checkpoints,
+                 "proxy.losses": a.losses}
     config = a.config
     if config is None and a.data is None:
         config = DEMO_CONFIG

@@ -113,6 +113,9 @@ class ProxyConfig:
     # your own checkpoints instead of training a proxy (--checkpoints): model dirs, or a training output whose
     # checkpoint-N folders are used in step order; local paths or URIs. Each is a trajectory point (num_points follows)
     checkpoints: list[str] = field(default_factory=list)
+    # or the official S2L code's losses.pt files (--losses): files, checkpoint folders holding one, or a training
+    # output whose checkpoint-N folders do; losses per example in the order of the corpus's inputs (num_points follows)
+    losses: list[str] = field(default_factory=list)
     use_gpu: str = "auto"  # auto | true | false
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     # Ray Train workers (count: part of the trajectories' key, it fixes the training order); gpus below 1 would put

@@ -239,7 +239,9 @@ def json_lines(piece: Piece) -> Iterator[list[tuple[int, int, bytes]]]:
         while whole or pos < piece.end:
             buf = f.read(1 << 22)
             lines = (rest + buf).split(b"\n")
-            rest = lines.pop() if buf else b""
+            rest = lines.pop()
+            if not buf and rest:  # a last line with no newline after it (none after a final newline)
+                lines.append(rest)
             for raw in lines:
                 if not whole and pos >= piece.end:
                     break
@@ -744,9 +746,9 @@ def _segments(kept: list[int], drops: dict[int, list[int]], part_rows: int) -> l
 
 
 def input_origins(pieces: list[Piece], results: list[dict]) -> tuple[list[dict], dict[int, tuple[int, int]]]:
-    """The input files (``{uri, format}``: jsonl, jsonl.gz, parquet or arrow) in corpus order, and per piece its
-    file's number and, for JSONL, the file's line number of its first line (the lines of the file's earlier
-    pieces, which each ingest task counted)."""
+    """The input files (``{uri, format, records}``: jsonl, jsonl.gz, json, parquet or arrow; the lines or rows the
+    file holds, dropped ones included) in corpus order, and per piece its file's number and, for JSONL, the file's
+    line number of its first line (the lines of the file's earlier pieces, which each ingest task counted)."""
     inputs: list[dict] = []
     number: dict[str, int] = {}
     origins, lines = {}, 0
@@ -754,10 +756,12 @@ def input_origins(pieces: list[Piece], results: list[dict]) -> tuple[list[dict],
         if piece.uri not in number:
             number[piece.uri] = len(inputs)
             fmt = "jsonl.gz" if piece.fmt == "jsonl" and piece.uri.endswith(".gz") else piece.fmt
-            inputs.append({"uri": piece.uri, "format": fmt})
+            inputs.append({"uri": piece.uri, "format": fmt, "records": 0})
             lines = 0
         origins[piece.number] = (number[piece.uri], lines if piece.fmt == "jsonl" else 0)
         lines += r["lines"]
+        entry = inputs[number[piece.uri]]  # a Parquet or Arrow piece counts up to its last row's number in the file
+        entry["records"] = lines if piece.fmt == "jsonl" else max(entry["records"], r["lines"])
     return inputs, origins
 
 

@@ -46,8 +46,9 @@ CORPUS_SCHEMA = pa.schema([
 ])
 # The stored corpus: the contract's columns plus the tokenised text under the proxy's tokenizer
 # (text.encode: the ids, and the [start, end) token spans that carry labels, flattened).
-# Each row keeps its origin: the input file's number in the manifest's ``corpus.inputs``, the line (JSONL,
-# 0-based, blank lines counted) or row (Parquet, Arrow) in it, and a JSONL line's byte offset (-1 otherwise).
+# Each row keeps its origin: the input file's number in the manifest's ``corpus.inputs`` (``{uri, format, records}``,
+# records: the file's lines or rows, dropped ones included), the line (JSONL, 0-based, blank lines counted) or row
+# (JSON array, Parquet, Arrow) in it, and a JSONL line's byte offset (-1 otherwise).
 STORED_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [
     pa.field("input_ids", pa.list_(pa.int32())), pa.field("spans", pa.list_(pa.int32())),
     pa.field("n_tokens", pa.int32()), pa.field("n_response", pa.int32()), pa.field("truncated", pa.bool_()),

@@ -150,10 +150,12 @@ def save_model(model: PreTrainedModel, tokenizer: Any, path: str) -> str:
     return path
 
 
-def own_checkpoints(paths: list[str]) -> list[tuple[int, str]]:
-    """``(step, dir)`` of each of the user's checkpoints, in step order: a model directory (``config.json``) as it is
-    (its step from a ``checkpoint-N`` name, else its place in the list), or a training output's ``checkpoint-N``
-    folders (Hugging Face's Trainer, TRL, axolotl, LLaMA-Factory) by N."""
+def own_checkpoints(paths: list[str], holding: str = "config.json", setting: str = "proxy.checkpoints",
+                    files: bool = False) -> list[tuple[int, str]]:
+    """``(step, path)`` of each of the user's checkpoints, in step order: a directory holding ``holding`` (a model's
+    ``config.json``) as it is (its step from a ``checkpoint-N`` name, else its place in the list), or a training
+    output's ``checkpoint-N`` folders that hold it (Hugging Face's Trainer, TRL, axolotl, LLaMA-Factory) by N; with
+    ``files``, also a file whose name ends with ``holding`` (its step from its folder's name, else its place)."""
     import posixpath
     import re
 
@@ -161,24 +163,31 @@ def own_checkpoints(paths: list[str]) -> list[tuple[int, str]]:
 
     from .layout import exists, resolve
 
+    def step(path: str) -> int:
+        m = re.fullmatch(r"checkpoint-(\d+)", posixpath.basename(path.rstrip("/")))
+        return int(m[1]) if m else len(out)
+
     out: list[tuple[int, str]] = []
     for p in paths:
         fs, root = resolve(p)
-        if exists(fs, posixpath.join(root, "config.json")):
-            m = re.fullmatch(r"checkpoint-(\d+)", posixpath.basename(root.rstrip("/")))
-            out.append((int(m[1]) if m else len(out), p))
+        if files and root.endswith(holding) and fs.get_file_info(root).type == pafs.FileType.File:
+            out.append((step(posixpath.dirname(root)), p))
+            continue
+        if exists(fs, posixpath.join(root, holding)):
+            out.append((step(root), p))
             continue
         found = sorted((int(m[1]), posixpath.join(p, i.base_name))
                        for i in (fs.get_file_info(pafs.FileSelector(root)) if exists(fs, root) else [])
                        if i.type == pafs.FileType.Directory and (m := re.fullmatch(r"checkpoint-(\d+)", i.base_name))
-                       and exists(fs, posixpath.join(i.path, "config.json")))
+                       and exists(fs, posixpath.join(i.path, holding)))
         if not found:
-            raise ConfigError(f"proxy.checkpoints: {p} is neither a model directory (config.json) nor a training "
-                              "output holding checkpoint-N folders")
+            kind = "a model directory (config.json)" if holding == "config.json" else f"{holding} or a folder holding it"
+            raise ConfigError(f"{setting}: {p} is neither {kind} nor a training output holding checkpoint-N folders"
+                              + ("" if holding == "config.json" else f" with {holding}"))
         out += found
     steps = [s for s, _ in out]
     if steps != sorted(set(steps)):
-        raise ConfigError(f"proxy.checkpoints: steps {steps} are not increasing; give the checkpoints in training order")
+        raise ConfigError(f"{setting}: steps {steps} are not increasing; give the checkpoints in training order")
     return out
 
 

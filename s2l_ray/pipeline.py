@@ -56,7 +56,7 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     """
     from dataclasses import replace
 
-    from . import demo
+    from . import demo, official_losses
     from .corpus import check_records, discover
     from .hub import from_hub
     from .models import ModelError, load_model, load_tokenizer, own_checkpoints, preset_config
@@ -79,13 +79,16 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
         check_records(target_config(cfg))
     cfg = replace(cfg, proxy=replace(cfg.proxy, model=absolute(cfg.proxy.model)))  # Train workers run elsewhere
     points = own_checkpoints([absolute(p) for p in cfg.proxy.checkpoints]) if cfg.proxy.checkpoints else []
-    if points:
-        if cfg.proxy.model:
-            raise ConfigError("proxy.model and proxy.checkpoints: give one (your checkpoints are the proxy)")
-        log(f"proxy: your {len(points)} checkpoints (steps {[s for s, _ in points]}) are the trajectory points; "
-            "no proxy is trained")
-        cfg = replace(cfg, proxy=replace(cfg.proxy, num_points=len(points)))
-    tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model or (points[0][1] if points else "")
+    losses = official_losses.loss_files([absolute(p) for p in cfg.proxy.losses]) if cfg.proxy.losses else []
+    if points or losses:
+        if cfg.proxy.model or (points and losses):
+            raise ConfigError("proxy.model, proxy.checkpoints and proxy.losses: give one (your checkpoints, or the "
+                              "official code's losses, are the proxy)")
+        log(f"proxy: your {len(points or losses)} " + ("checkpoints" if points else "losses.pt files")
+            + f" (steps {[s for s, _ in points or losses]}) are the trajectory points; no proxy is trained")
+        cfg = replace(cfg, proxy=replace(cfg.proxy, num_points=len(points or losses)))
+    tokenizer_dir = cfg.text.tokenizer or cfg.proxy.model or (points[0][1] if points else "") or (
+        official_losses.tokenizer_beside(losses[0][1]) if losses else "")
     try:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         if cfg.proxy.model:
@@ -99,7 +102,8 @@ def prepare_inputs(cfg: S2LConfig, run: RunDir) -> tuple[S2LConfig, dict]:
     cfg = replace(cfg, text=replace(cfg.text, tokenizer=tokenizer_dir))
     spec = {"dir": cfg.proxy.model} if cfg.proxy.model else {
         "config": preset_config(cfg.proxy.preset, tok, cfg.text.max_length), "seed": cfg.proxy.seed}
-    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo, "hub": hub, "points": points}
+    return cfg, {"spec": spec, "pad_id": tok.pad_token_id, "demo": is_demo, "hub": hub, "points": points,
+                 "losses": losses}
 
 
 def target_config(cfg: S2LConfig):
@@ -196,6 +200,8 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
 
     if inputs["points"]:  # the user's own checkpoints are the proxy
         key = stage_key(corpus["fingerprint"], inputs["points"], "own checkpoints")
+    elif inputs["losses"]:  # the official code's losses are
+        key = stage_key(corpus["fingerprint"], inputs["losses"], "official losses")
     else:
         p = to_dict(cfg.proxy)
         for perf in ("workers", "use_gpu", "precision"):  # precision: below
@@ -212,13 +218,15 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
                           " to go on with them, or use a new --output")
     run.update_manifest(stages={"proxy": {"key": key, **({} if rec is None else rec), "precision": precision}})
     cfg = replace(cfg, proxy=replace(cfg.proxy, precision=precision))
-    if not inputs["points"]:
+    if not inputs["points"] and not inputs["losses"]:
         log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
             f"{cfg.proxy.workers.count} workers, {precision}")
     started = time.time()
     target = run.target if cfg.select.target else None
     if inputs["points"]:
         stats = score_own_checkpoints(run, cfg, inputs["points"], target)
+    elif inputs["losses"]:
+        stats = import_losses(run, inputs["losses"])
     else:
         stats = proxy.run(run, cfg.proxy, cfg.scoring, inputs["spec"], corpus["rows"], inputs["pad_id"], target=target)
     if len(stats["reused_points"]) == cfg.proxy.num_points:  # the corpus's points reused: their record stays
@@ -255,6 +263,18 @@ def score_own_checkpoints(run: RunDir, cfg: S2LConfig, points: list[tuple[int, s
                               cfg.proxy.precision)
             log(f"proxy: point {t + 1}/{len(points)}, your checkpoint at step {step}, scored ({rec['seconds']:.1f}s)")
     return {"checkpoints": [{"step": s, "uri": u} for s, u in points], "reused_points": reused, "trained": False}
+
+
+def import_losses(run: RunDir, files: list[tuple[int, str]]) -> dict:
+    """The official code's ``losses.pt`` files as the trajectory points, where the run lacks them; no training."""
+    from .official_losses import import_point
+
+    reused = sorted(run.done_points())
+    for t, (step, path) in enumerate(files):
+        if t not in reused:
+            rec = import_point(run, t, step, path)
+            log(f"proxy: point {t + 1}/{len(files)}, {path} (step {step}), {rec['rows']:,} rows imported")
+    return {"losses": [{"step": s, "uri": u} for s, u in files], "reused_points": reused, "trained": False}
 
 
 def run_clusters(run: RunDir, cfg: S2LConfig) -> dict:
@@ -369,6 +389,7 @@ def check_method(cfg: S2LConfig) -> methods.Method:
 def check_config(cfg: S2LConfig) -> methods.Method:
     """Every check the config allows without its data, models or Ray; made by every run before any work starts
     (and by ``--dry-run``). Returns the selection method."""
+    from . import official_losses
     from .clustering import BACKENDS
     from .selection.allocation import SelectionError
 
@@ -393,6 +414,12 @@ def check_config(cfg: S2LConfig) -> methods.Method:
         raise ConfigError(f"proxy.schedule must be cosine, linear or constant, not {cfg.proxy.schedule!r}")
     cfg.proxy.workers.ray_resources(True, "proxy.workers")
     cfg.scoring.actors.ray_resources(True, "scoring.actors")
+    if cfg.proxy.losses and cfg.select.target:
+        raise ConfigError("select.target: the target examples are scored by a model, and losses.pt files hold none; "
+                          "give the checkpoints that wrote them (--checkpoints) instead")
+    if cfg.proxy.losses and method.score in official_losses.CONFIDENCE_SCORES:
+        raise ConfigError(f"select.method {cfg.select.method!r} ranks by the gold-token probability, which losses.pt "
+                          "files do not hold; give the checkpoints that wrote them (--checkpoints) instead")
     return method
 
 
@@ -404,7 +431,7 @@ def check_sizes(cfg: S2LConfig, method: methods.Method, rows: int) -> None:
 
     if not method.full:
         resolve_budgets(cfg.select.budgets, rows)
-    if cfg.proxy.checkpoints:  # no proxy trains: nothing to fit in its steps
+    if cfg.proxy.checkpoints or cfg.proxy.losses:  # no proxy trains: nothing to fit in its steps
         return
     try:
         make_plan(rows, cfg.proxy)
@@ -479,7 +506,8 @@ def select(cfg: S2LConfig) -> dict:
     check_gpus(cfg)
     check_visible({"corpus.path": cfg.corpus.path, "select.target": cfg.select.target, "proxy.model": cfg.proxy.model,
                    "text.tokenizer": cfg.text.tokenizer}
-                  | {f"proxy.checkpoints: {uri}": uri for _, uri in inputs["points"]},
+                  | {f"proxy.checkpoints: {uri}": uri for _, uri in inputs["points"]}
+                  | {f"proxy.losses: {uri}": uri for _, uri in inputs["losses"]},
                   {"output": run.uri})
     run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])

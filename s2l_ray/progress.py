@@ -36,13 +36,16 @@ def _board():
 
 
 def log(msg: str, stage: str = "s2l") -> None:
-    """A progress line: printed here in the driver, handed to the driver's board in a Ray worker."""
+    """A progress line: printed here in the driver, handed to the driver's board in a Ray worker (waiting until the
+    board holds it: a worker killed right after its last line, like the scoring coordinator, does not lose it)."""
     line = _line(msg, stage)
     board = _board()
     if board is None:
         print(line, flush=True)
     else:
-        board.post.remote(line)
+        import ray
+
+        ray.get(board.post.remote(line))
 
 
 def _board_class():

@@ -120,6 +120,9 @@ def test_alpaca_parts_come_back_verbatim_and_every_hand_off_reads_what_was_train
     files = write_alpaca(tmp_path)
     run = stored_run(tmp_path, CorpusConfig(path=str(tmp_path)), demo_small["tokenizer"])
     assert run.read_manifest()["corpus"]["dropped"]["empty_response"] == 3  # the row with an empty output, per source
+    counted = {i["uri"]: i["records"] for i in run.read_manifest()["corpus"]["inputs"]}  # dropped rows included
+    assert counted == {str(f): len((gzip.open(f) if f.suffix == ".gz" else open(f, "rb")).read().splitlines())
+                       for f in files}
     select(run, 15)
     original = run.selected_as(None, "original.jsonl")
     got = open(original, "rb").read().splitlines()
@@ -157,6 +160,8 @@ def test_sharegpt_parquet_rows_keep_their_schema_and_read_back_as_the_trained_tu
     select(run, 11)
     original = pq.read_table(run.selected_as(None, "original.parquet"))
     source = pa.concat_tables([pq.read_table(tmp_path / f"chat-{k}.parquet") for k in range(2)])
+    assert [i["records"] for i in run.read_manifest()["corpus"]["inputs"]] == \
+        [pq.read_metadata(tmp_path / f"chat-{k}.parquet").num_rows for k in range(2)]
     assert original.schema.equals(source.schema, check_metadata=False)
     sel = pq.read_table(run.selection()).to_pylist()
     by_file = {f"{tmp_path}/chat-{k}.parquet": pq.read_table(tmp_path / f"chat-{k}.parquet").to_pylist() for k in range(2)}
@@ -184,6 +189,7 @@ def test_a_datasets_directory_keeps_its_features(ray_local, demo_small, tmp_path
                                      "level": [i % 2 for i in range(30)]}, features=features)
     ds.save_to_disk(str(tmp_path / "ds"), num_shards=3)
     run = stored_run(tmp_path, CorpusConfig(path=str(tmp_path / "ds")), demo_small["tokenizer"])
+    assert [i["records"] for i in run.read_manifest()["corpus"]["inputs"]] == [10, 10, 10]  # the 3 shards' rows
     select(run, 9)
     back = datasets.Dataset.from_parquet(run.selected_as(None, "original.parquet"))
     assert back.features == features
