@@ -22,6 +22,18 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 
 # -- processes ----------------------------------------------------------------------------------
 
+def select_job():
+    """``jobs/select.py`` as a module, to call its ``main(argv)`` in this process (on the session's Ray)."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("s2l_select_job", repo / "jobs" / "select.py")
+    job = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(repo / "jobs"))  # for its `import _path`, which takes jobs/ off sys.path again
+    spec.loader.exec_module(job)
+    return job
+
+
 def wait_for(cond, timeout: float, what: str, interval: float = 0.05):
     deadline = time.time() + timeout
     while time.time() < deadline:

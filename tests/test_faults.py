@@ -22,7 +22,6 @@ would leave placed first); the last test selects once more from a copy of that r
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import descendants, running, title, wait_for
+from helpers import descendants, running, select_job, title, wait_for
 from s2l_ray.layout import TRAJECTORY_SCHEMA, RunDir, _temporary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,11 +332,7 @@ def test_same_seed_and_inputs_select_the_same_rows(faults, ray_local, tmp_path):
     for key in ("clusters", "selection"):
         manifest["stages"].pop(key, None)
     Path(run_b.manifest).write_text(json.dumps(manifest))
-    # jobs/select.py's own main, in this process (on the session's Ray), with the same arguments
-    spec = importlib.util.spec_from_file_location("s2l_select_job", REPO / "jobs" / "select.py")
-    job = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO / "jobs"))  # for its `import _path`, which takes jobs/ off sys.path again
-    spec.loader.exec_module(job)
+    job = select_job()  # jobs/select.py's own main, in this process, with the same arguments
     argv_b = list(argv)
     argv_b[argv_b.index("--output") + 1] = str(out_b)
     scored = {str(f): os.path.getmtime(f) for f in out_b.glob("trajectories/checkpoint=*/*.parquet")}

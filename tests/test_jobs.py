@@ -1,4 +1,5 @@
-"""jobs/select.py as a user runs it: one error line for bad input, whatever else is given; --data alone runs."""
+"""jobs/select.py as a user runs it: one error line for bad input, whatever else is given; --data alone runs, on
+the project's own console."""
 import json
 import re
 import subprocess
@@ -7,12 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from helpers import select_job
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _select(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "jobs" / "select.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _select_here(args: list[str], capsys) -> tuple[int, str]:
+    """``jobs/select.py``'s own main in this process, on the session's Ray: (exit status, stderr)."""
+    capsys.readouterr()
+    rc = select_job().main(args)
+    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("data,extra,message", [
@@ -38,8 +48,10 @@ def test_unknown_config_key_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_data_alone_trains_a_tokenizer_and_runs_the_whole_selection(tmp_path, demo_small):
-    """`python jobs/select.py --data X.jsonl`: no model, no tokenizer, no other flag (output: ./runs/demo)."""
+def test_data_alone_runs_the_whole_selection_on_the_projects_own_console(tmp_path, demo_small):
+    """`python jobs/select.py --data X.jsonl`: no model, no tokenizer, no other flag (output: ./runs/demo). The
+    console is a few dozen lines of the project's own, each once, none of Ray's internal warnings or progress-bar
+    debris; with --verbose (everything reused) Ray's own output is back."""
     rows = [json.loads(line) for line in open(demo_small["train"])]
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({**r, "prompt": f"{r['prompt']} (case {k})"}) + "\n"
@@ -52,6 +64,29 @@ def test_data_alone_trains_a_tokenizer_and_runs_the_whole_selection(tmp_path, de
     assert (out / "tokenizer" / "tokenizer.json").is_file() and manifest["clusters"]["k"] == 100
     assert manifest["selection"]["budgets"] == {"24": manifest["selection"]["budgets"]["24"]}
     assert f"next: python jobs/finetune.py --data {out} --model /path/to/your/target-model" in proc.stdout
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    stamped = [line for line in lines if re.match(r"\[(s2l|proxy|scoring) \d\d:\d\d:\d\d\] ", line)]
+    assert len(set(stamped)) == len(stamped)  # each project line once
+    points = manifest["config"]["proxy"]["num_points"]
+    assert len([line for line in stamped if re.search(r"^\[proxy .*\] point \d+/\d+ at step", line)]) == points
+    assert len([line for line in stamped if re.search(r"^\[scoring .*\] point \d+: \d+ rows scored", line)]) == points
+    # besides a line per point trained and scored, and the lines of stages slow enough to report progress
+    # (``done/total unit (rate)``, every 10 s), a few dozen lines
+    rest = [line for line in lines if not re.search(r"\] (point \d+|\d[\d,]*/\d[\d,]* \w+ \()", line)]
+    assert len(rest) <= 34, "\n".join(lines)
+    assert not [line for line in lines if "core_worker" in line or "\x1b[" in line or "\r" in line
+                or "RayTrainWorker" in line or "Running Dataset" in line], "\n".join(lines)
+    assert any("report:" in line and "report.html" in line for line in lines)
+    verbose = _select(["--data", str(data), "--verbose"], tmp_path, timeout=900)
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert re.search(r"Started a local Ray instance|Starting execution of Dataset", verbose.stdout + verbose.stderr)
+
+
+def test_no_argument_is_the_built_in_demo(tmp_path):
+    """`python jobs/select.py` alone is the demo (configs/demo.yaml): its plan, without running it."""
+    proc = _select(["--dry-run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "running the built-in demo" in proc.stdout and "demo.yaml" in proc.stdout
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -82,12 +117,13 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
     (["--set", "proxy.use_gpu=true", "--set", "proxy.workers.gpus=0.5"],
      r"proxy\.workers\.gpus=0\.5 with 2 workers can put two training ranks on one GPU"),
 ])
-def test_bad_settings_are_refused_on_the_real_path_before_any_work(tmp_path, demo_small, extra, message):
+def test_bad_settings_are_refused_on_the_real_path_before_any_work(ray_local, tmp_path, demo_small, extra, message,
+                                                                   capsys):
     """What ``--dry-run`` checks, a real run checks before it reads a row (the GPUs' sharing as soon as Ray runs)."""
-    proc = _select(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
-                    "--output", str(tmp_path / "r"), *extra], tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    rc, stderr = _select_here(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
+                               "--output", str(tmp_path / "r"), *extra], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and re.search(message, errors[0]), stderr[-2000:]
     assert not (tmp_path / "r").exists()
 
 
@@ -98,38 +134,16 @@ def test_bad_settings_are_refused_on_the_real_path_before_any_work(tmp_path, dem
     ([], r"proxy\.num_points=12 must be between 1 and the 6 training steps \(60 rows over 2 workers in batches "
          r"of 16, 3 epochs\)"),
 ])
-def test_what_the_corpus_size_decides_is_refused_before_the_proxy_trains(tmp_path, demo_small, extra, message):
+def test_what_the_corpus_size_decides_is_refused_before_the_proxy_trains(ray_local, tmp_path, demo_small, extra,
+                                                                         message, capsys):
     """The budgets and the trajectory points against the stored corpus's rows: refused after the ingest, with
     nothing trained or scored."""
-    proc = _select(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
-                    "--output", str(tmp_path / "r"), "--budget", "6", *extra], tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    rc, stderr = _select_here(["--data", demo_small["train"], "--set", f"text.tokenizer={demo_small['tokenizer']}",
+                               "--output", str(tmp_path / "r"), "--budget", "6", *extra], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and re.search(message, errors[0]), stderr[-2000:]
     run = tmp_path / "r"
     assert (run / "corpus").is_dir() and not (run / "proxy").exists() and not (run / "trajectories").exists()
-
-
-@pytest.mark.slow
-def test_the_demo_console_is_the_projects_own_lines_once_and_verbose_brings_rays_back(tmp_path):
-    """`python jobs/select.py` on a small demo: a few dozen lines, each once, none of Ray's internal warnings or
-    progress-bar debris; with --verbose (everything reused) Ray's own output is back."""
-    small = ["--set", "demo.sources=gcd,lcm,basic_arithmetic", "--set", "demo.train_per_source=30",
-             "--set", "demo.eval_per_source=2", "--set", "proxy.epochs=1", "--set", "proxy.num_points=3",
-             "--clusters", "4", "--output", str(tmp_path / "run")]
-    proc = _select(small, tmp_path, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    assert len(lines) <= 40, "\n".join(lines)
-    stamped = [line for line in lines if re.match(r"\[(s2l|proxy|scoring) \d\d:\d\d:\d\d\] ", line)]
-    assert len(set(stamped)) == len(stamped)  # each project line once
-    assert len([line for line in stamped if line.startswith("[proxy")]) == 3  # one a trajectory point
-    assert len([line for line in stamped if line.startswith("[scoring")]) == 3
-    assert not [line for line in lines if "core_worker" in line or "\x1b[" in line or "\r" in line
-                or "RayTrainWorker" in line or "Running Dataset" in line], "\n".join(lines)
-    assert any("report:" in line and "report.html" in line for line in lines)
-    verbose = _select([*small, "--verbose"], tmp_path, timeout=900)
-    assert verbose.returncode == 0, verbose.stderr[-2000:]
-    assert re.search(r"Started a local Ray instance|Starting execution of Dataset", verbose.stdout + verbose.stderr)
 
 
 def test_an_error_raised_while_handling_ours_is_not_reported_as_ours():

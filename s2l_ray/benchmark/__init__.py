@@ -13,7 +13,7 @@ without fine-tuning. Everything lands under ``<output>/``::
     clusters-global/               one global k-means over the same trajectories (method "s2l-global")
     selections/<method>/seed<s>/   selection[-<B>].parquet, selected[-<B>].jsonl
     targets/<method>-<B>/seed<s>/  fine-tuning output, eval/ (and eval-target/), cell.json
-    sweeps/<method>/               Ray Train's record of the method's sweep
+    sweeps/targets/                Ray Train's record of the targets' sweep
     results.json, results.md, results.png, results.html
 
 A method is a selection method's name, ``s2l-global``, or either with a source split

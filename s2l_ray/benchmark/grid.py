@@ -1,11 +1,12 @@
 """The benchmark's grid: the selection run, every method's subsets, and a fine-tuned, evaluated target per cell.
 
-A method's targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_many``;
+Every method's targets are fine-tuned in one sweep (one Ray Train worker group, ``finetune.run_many``;
 needs ``finetune.checkpoint_every: 0``) and evaluated in one pass per evaluation set, so the
-start-up of a worker group is paid once per method, not per target. Each finished cell
-(``cell.json``), each fine-tuned model, the selection run's stages and the methods' subsets are
-reused on rerun, so an interrupted benchmark continues where it stopped. With ``bases.enabled``
-the proxy and the target start from bases pretrained once (``bases.build_bases``).
+start-up of a worker group and of an actor pool is paid once per benchmark, not per method or
+target. Each finished cell (``cell.json``), each fine-tuned model, the selection run's stages
+and the methods' subsets are reused on rerun, so an interrupted benchmark continues where it
+stopped. With ``bases.enabled`` the proxy and the target start from bases pretrained once
+(``bases.build_bases``).
 """
 from __future__ import annotations
 
@@ -194,10 +195,11 @@ def _cell_key(cfg: BenchmarkConfig, *parts) -> str:
     return stage_key(to_dict(cfg.finetune), to_dict(cfg.evaluate), cfg.target_eval, *parts)
 
 
-def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, dict]], several: bool) -> list[dict]:
-    """Fine-tune and evaluate one method's (budget, seed) cells, ``(budget, seed, subset, stats)``.
+def cells(cfg: BenchmarkConfig, todo: list[tuple[str, int, int, RunDir, dict, bool]]) -> list[dict]:
+    """Fine-tune and evaluate every method's (budget, seed) cells, ``(method, budget, seed, subset, stats,
+    several budgets)``.
 
-    The unfinished cells are fine-tuned in one sweep (one worker group; with
+    The unfinished cells of all methods are fine-tuned in one sweep (one worker group; with
     ``finetune.checkpoint_every`` > 0, one worker group each so that a run resumes from its
     checkpoints) and evaluated in one pass per evaluation set; a finished cell (its ``cell.json``) is reused.
     """
@@ -205,39 +207,41 @@ def cells(cfg: BenchmarkConfig, method: str, todo: list[tuple[int, int, RunDir, 
 
     records: dict[int, dict] = {}
     pending = []
-    for n, (budget, seed, data, stats) in enumerate(todo):
+    for n, (method, budget, seed, data, stats, several) in enumerate(todo):
         out = posixpath.join(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
         key = _cell_key(cfg, key_of(data, "selection"))
         done = _read(posixpath.join(out, "cell.json"))
         if done is None:
-            pending.append((n, budget, seed, data, stats, out, key))
+            pending.append((n, method, budget, seed, data, stats, several, out, key))
         elif done.get("key") != key:
             raise ConfigError(f"{out} was fine-tuned or evaluated with another finetune/evaluate config or subset; "
                               "use a new output folder")
         else:
             records[n] = done
-    if pending:
-        runs = [replace(cfg.finetune, output=out, seed=seed, budget=budget if several else 0,
-                        corpus=replace(cfg.finetune.corpus, path=data.uri)) for _, budget, seed, data, _, out, _ in pending]
-        if cfg.finetune.checkpoint_every:  # checkpoints within a run: one worker group per run
-            log(f"{method}: fine-tuning {len(runs)} target(s), one after another")
-            summaries = [finetune.run(r) for r in runs]
-        else:
-            log(f"{method}: fine-tuning {len(runs)} target(s) in one sweep")
-            summaries = finetune.run_many(runs, sweep_dir=posixpath.join(cfg.output, "sweeps", method))
-        started = time.time()
-        evals = evaluations(cfg, [p[5] for p in pending], [p[5] for p in pending])
-        seconds = round((time.time() - started) / len(pending), 2)
-        for (n, budget, seed, _, stats, out, key), summary, ev in zip(pending, summaries, evals):
-            rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
-                   **{k: ev["eval"][k] for k in ("accuracy", "loss")}, "evals": ev,
-                   "seconds": {"select": stats["seconds"], "finetune": summary["train_seconds"],
-                               "evaluate": seconds},
-                   "finetune_compute": summary.get("compute_seconds")}
-            _write(posixpath.join(out, "cell.json"), rec)
-            log(f"{method}, {budget} examples, seed {seed}: "
-                + "; ".join(f"{k}: exact match {100 * e['accuracy']:.1f}%, loss {e['loss']:.4f}" for k, e in ev.items()))
-            records[n] = rec
+    if not pending:
+        return [records[n] for n in range(len(todo))]
+    runs = [replace(cfg.finetune, output=out, seed=seed, budget=budget if several else 0,
+                    corpus=replace(cfg.finetune.corpus, path=data.uri))
+            for _, _, budget, seed, data, _, several, out, _ in pending]
+    names = list(dict.fromkeys(p[1] for p in pending))
+    if cfg.finetune.checkpoint_every:  # checkpoints within a run: one worker group per run
+        log(f"{', '.join(names)}: fine-tuning {len(runs)} target(s), one after another")
+        summaries = [finetune.run(r) for r in runs]
+    else:
+        log(f"{', '.join(names)}: fine-tuning {len(runs)} target(s) in one sweep")
+        summaries = finetune.run_many(runs, sweep_dir=posixpath.join(cfg.output, "sweeps", "targets"))
+    started = time.time()
+    evals = evaluations(cfg, [p[7] for p in pending], [p[7] for p in pending])
+    seconds = round((time.time() - started) / len(pending), 2)
+    for (n, method, budget, seed, _, stats, _, out, key), summary, ev in zip(pending, summaries, evals):
+        rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
+               **{k: ev["eval"][k] for k in ("accuracy", "loss")}, "evals": ev,
+               "seconds": {"select": stats["seconds"], "finetune": summary["train_seconds"], "evaluate": seconds},
+               "finetune_compute": summary.get("compute_seconds")}
+        _write(posixpath.join(out, "cell.json"), rec)
+        log(f"{method}, {budget} examples, seed {seed}: "
+            + "; ".join(f"{k}: exact match {100 * e['accuracy']:.1f}%, loss {e['loss']:.4f}" for k, e in ev.items()))
+        records[n] = rec
     return [records[n] for n in range(len(todo))]
 
 
@@ -299,14 +303,15 @@ def run(cfg: BenchmarkConfig) -> dict:
     several = len(budgets) > 1
     done: list[dict] = [base_cell(cfg, cfg.finetune.model)] if cfg.base else []
     drawn: dict[tuple[str, int], list[dict]] = {}  # the subsets' examples per source, per seed
+    todo = []
     for method in cfg.methods + (["full"] if cfg.full else []):
-        todo, sizes = [], [n] if method == "full" else budgets
+        sizes = [n] if method == "full" else budgets
         for seed in cfg.seeds:
             data, stats = subset(run_dir, cfg, method, seed)
-            todo += [(budget, seed, data, stats) for budget in sizes]
+            todo += [(method, budget, seed, data, stats, several and method != "full") for budget in sizes]
             for budget in sizes:
                 drawn.setdefault((method, budget), []).append(stats["budgets"][str(budget)]["sources"])
-        done += cells(cfg, method, todo, several and method != "full")
+    done += cells(cfg, todo)
     rows = analysis.aggregate(done)
     results = {"config": to_dict(cfg), "rows": n, "budgets": budgets, "cells": done, "summary": rows,
                "selection_stages": {k: v.get("seconds") for k, v in manifest["stages"].items()},
