@@ -2,8 +2,8 @@
 mixture written source by source, one on the same rows shuffled; per source, the mean loss at each
 trajectory point in both, and the source purity of the global k-means clusters.
 
-    python jobs/bench_order.py                      # 20,000 rows (10 sources x 2,000), 1 epoch, 4 points, K=20
-    python jobs/bench_order.py --per-source 500 --output runs/bench-order-small
+    python benchmarks/bench_order.py                      # 20,000 rows (10 sources x 2,000), 1 epoch, 4 points, K=20
+    python benchmarks/bench_order.py --per-source 500 --output runs/bench-order-small
 
 With the training order independent of storage order, the two runs differ only by chance (the
 rows' positions in the permutation differ), so the sorted-minus-shuffled differences are small
@@ -11,7 +11,7 @@ and have no pattern by source position.
 """
 from __future__ import annotations
 
-import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
+import _path  # noqa: F401,I001  (first: the repo root on sys.path)
 import argparse
 import json
 import os

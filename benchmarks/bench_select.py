@@ -7,11 +7,11 @@ PSS of the driver, of all Ray processes together, and of both), sampled every 0.
 work on the machine inflates wall times). An output folder that already holds a synthetic run
 of the same size is reused (generation skipped).
 
-    python jobs/bench_select.py --rows 10000000 --points 12 --k 100
+    python benchmarks/bench_select.py --rows 10000000 --points 12 --k 100
 """
 from __future__ import annotations
 
-import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
+import _path  # noqa: F401,I001  (first: the repo root on sys.path)
 import argparse
 import json
 import os

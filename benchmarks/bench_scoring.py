@@ -1,8 +1,8 @@
 """Scoring throughput on real proxy shapes: the batched scorer against the official one-at-a-time loop.
 
-    python jobs/bench_scoring.py --model-shape pythia-70m
-    python jobs/bench_scoring.py --model-shape tiny --rows 20000 --reference-rows 2000
-    python jobs/bench_scoring.py --device cuda --rows 20000 --reference-rows 2000   # on a GPU machine
+    python benchmarks/bench_scoring.py --model-shape pythia-70m
+    python benchmarks/bench_scoring.py --model-shape tiny --rows 20000 --reference-rows 2000
+    python benchmarks/bench_scoring.py --device cuda --rows 20000 --reference-rows 2000   # on a GPU machine
 
 The model is a GPT-NeoX built from config with random weights: ``tiny`` (the demo proxy), or the
 sizes of Pythia-70M / Pythia-160M with their 50,304-token vocabulary. The reference is the
@@ -18,7 +18,7 @@ same threads); and each one's achieved rate as a share of it.
 """
 from __future__ import annotations
 
-import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
+import _path  # noqa: F401,I001  (first: the repo root on sys.path)
 import argparse
 import os
 import tempfile

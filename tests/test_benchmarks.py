@@ -1,4 +1,4 @@
-"""Every ``jobs/bench_*.py`` through its command line at a tiny size, from an empty working directory (as on a
+"""Every ``benchmarks/bench_*.py`` through its command line at a tiny size, from an empty working directory (as on a
 fresh checkout: nothing cached, no earlier output), so that no benchmark the README gives can rot unseen."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def bench(name: str, args: list[str], cwd: Path, timeout: int = 600) -> str:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each job starts its own local Ray
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / name), *args], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout

@@ -1,7 +1,7 @@
 """The whole selection at size: each stage's wall time next to the pure compute it contains.
 
-    python jobs/bench_pipeline.py                  # 200,000 generated rows, tiny proxy, 1 epoch, 6 points
-    python jobs/bench_pipeline.py --rows 20000
+    python benchmarks/bench_pipeline.py                  # 200,000 generated rows, tiny proxy, 1 epoch, 6 points
+    python benchmarks/bench_pipeline.py --rows 20000
 
 One ``pipeline.select`` on N templated word problems (``demo.write_word_problems``) on a local
 Ray with every core. Compute is measured inside the same run: the corpus stage's tokenisation
@@ -12,7 +12,7 @@ the cores it could have run on at best ("packed").
 """
 from __future__ import annotations
 
-import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
+import _path  # noqa: F401,I001  (first: the repo root on sys.path)
 import argparse
 import os
 import shutil

@@ -1,8 +1,8 @@
 """The corpus stage at size: N rows in one JSONL file, ingested in parallel pieces, against the raw
 tokenisation rate of this machine.
 
-    python jobs/bench_corpus.py                    # 1,000,000 rows
-    python jobs/bench_corpus.py --rows 10000000
+    python benchmarks/bench_corpus.py                    # 1,000,000 rows
+    python benchmarks/bench_corpus.py --rows 10000000
 
 Writes N GSM8K-like rows (about 250 bytes each) as one file, stores it with ``corpus.store`` on a
 local Ray (every core), and prints: wall time and rows/s of the corpus stage; peak memory (PSS)
@@ -12,7 +12,7 @@ one process on all cores, with the ratio of the two.
 """
 from __future__ import annotations
 
-import _path  # noqa: F401,I001  (first: repo root on sys.path, jobs/ off it)
+import _path  # noqa: F401,I001  (first: the repo root on sys.path)
 import argparse
 import json
 import os
