@@ -206,13 +206,15 @@ def cells(cfg: BenchmarkConfig, todo: list[tuple[str, int, int, RunDir, dict, bo
     from .. import finetune
 
     records: dict[int, dict] = {}
-    pending = []
+    pending = []  # (position, the record's first fields, selection seconds, the fine-tuning run)
     for n, (method, budget, seed, data, stats, several) in enumerate(todo):
         out = posixpath.join(cfg.output, "targets", f"{method}-{budget}", f"seed{seed}")
         key = _cell_key(cfg, key_of(data, "selection"))
         done = _read(posixpath.join(out, "cell.json"))
         if done is None:
-            pending.append((n, method, budget, seed, data, stats, several, out, key))
+            tune = replace(cfg.finetune, output=out, seed=seed, budget=budget if several else 0,
+                           corpus=replace(cfg.finetune.corpus, path=data.uri))
+            pending.append((n, {"key": key, "method": method, "budget": budget, "seed": seed}, stats["seconds"], tune))
         elif done.get("key") != key:
             raise ConfigError(f"{out} was fine-tuned or evaluated with another finetune/evaluate config or subset; "
                               "use a new output folder")
@@ -220,26 +222,24 @@ def cells(cfg: BenchmarkConfig, todo: list[tuple[str, int, int, RunDir, dict, bo
             records[n] = done
     if not pending:
         return [records[n] for n in range(len(todo))]
-    runs = [replace(cfg.finetune, output=out, seed=seed, budget=budget if several else 0,
-                    corpus=replace(cfg.finetune.corpus, path=data.uri))
-            for _, _, budget, seed, data, _, several, out, _ in pending]
-    names = list(dict.fromkeys(p[1] for p in pending))
+    runs = [tune for *_, tune in pending]
+    names = ", ".join(dict.fromkeys(head["method"] for _, head, _, _ in pending))
     if cfg.finetune.checkpoint_every:  # checkpoints within a run: one worker group per run
-        log(f"{', '.join(names)}: fine-tuning {len(runs)} target(s), one after another")
+        log(f"{names}: fine-tuning {len(runs)} target(s), one after another")
         summaries = [finetune.run(r) for r in runs]
     else:
-        log(f"{', '.join(names)}: fine-tuning {len(runs)} target(s) in one sweep")
+        log(f"{names}: fine-tuning {len(runs)} target(s) in one sweep")
         summaries = finetune.run_many(runs, sweep_dir=posixpath.join(cfg.output, "sweeps", "targets"))
     started = time.time()
-    evals = evaluations(cfg, [p[7] for p in pending], [p[7] for p in pending])
+    outs = [r.output for r in runs]
+    evals = evaluations(cfg, outs, outs)
     seconds = round((time.time() - started) / len(pending), 2)
-    for (n, method, budget, seed, _, stats, _, out, key), summary, ev in zip(pending, summaries, evals):
-        rec = {"key": key, "method": method, "budget": budget, "seed": seed, "examples": summary["rows"],
-               **{k: ev["eval"][k] for k in ("accuracy", "loss")}, "evals": ev,
-               "seconds": {"select": stats["seconds"], "finetune": summary["train_seconds"], "evaluate": seconds},
+    for (n, head, select_seconds, tune), summary, ev in zip(pending, summaries, evals):
+        rec = {**head, "examples": summary["rows"], **{k: ev["eval"][k] for k in ("accuracy", "loss")}, "evals": ev,
+               "seconds": {"select": select_seconds, "finetune": summary["train_seconds"], "evaluate": seconds},
                "finetune_compute": summary.get("compute_seconds")}
-        _write(posixpath.join(out, "cell.json"), rec)
-        log(f"{method}, {budget} examples, seed {seed}: "
+        _write(posixpath.join(tune.output, "cell.json"), rec)
+        log(f"{head['method']}, {head['budget']} examples, seed {head['seed']}: "
             + "; ".join(f"{k}: exact match {100 * e['accuracy']:.1f}%, loss {e['loss']:.4f}" for k, e in ev.items()))
         records[n] = rec
     return [records[n] for n in range(len(todo))]
