@@ -9,7 +9,7 @@ sizes of Pythia-70M / Pythia-160M with their 50,304-token vocabulary. The refere
 official S2L loop as it is: one example at a time, ``model(input_ids, labels=...)`` with the full
 LM head over every position, fp32. ``--device cuda`` runs all three on the GPU (the actor pool with one
 actor per GPU, fp32). The scorer is ``scoring.score_rows`` (length buckets, LM head
-and softmax on response positions only) in-process, and ``scoring.score_point`` (the Ray Data
+and softmax on response positions only) in-process, and ``proxy.score_saved`` (the Ray Data
 actor pool, start-up included). Both score the same stored rows.
 
 Printed: examples/s of each and their ratio; the matmul FLOPs each needs per example (counted by
@@ -35,7 +35,8 @@ from s2l_ray.config import CorpusConfig, DemoConfig, Placement, ScoringConfig, T
 from s2l_ray.corpus import store
 from s2l_ray.layout import RunDir
 from s2l_ray.models import load_tokenizer, preset_config, save_model
-from s2l_ray.scoring import reference_losses, score_point, score_rows
+from s2l_ray.proxy import score_saved
+from s2l_ray.scoring import reference_losses, score_rows
 
 VOCAB = {"tiny": 0, "pythia-70m": 50304, "pythia-160m": 50304}
 
@@ -121,7 +122,7 @@ def main() -> None:
     cfg = ScoringConfig(actors=Placement(count=actors, cpus=max(0.5, (os.cpu_count() - 0.5) / actors), gpus=1.0),
                         max_tokens=a.max_tokens)
     start = time.perf_counter()
-    score_point([run.uri], 0, 0, Checkpoint.from_directory(ckpt_dir), cfg, gpu, "fp32")
+    score_saved([run], {0: (0, Checkpoint.from_directory(ckpt_dir))}, cfg, gpu, "fp32")
     pipe_rate = n / (time.perf_counter() - start)
     got = pq.read_table(run.done_points()[0]["files"], partitioning=None, columns=["id", "loss"]).to_pydict()
     by_id = dict(zip(got["id"], got["loss"]))
@@ -143,7 +144,7 @@ def main() -> None:
           f"{share(ref_rate, ref_flops)}")
     print(f"score_rows in-process (batched)     : {local_rate:8.1f} examples/s, {flops / 1e6:7.1f} MFLOP/example, "
           f"{share(local_rate, flops)}; {local_rate / ref_rate:.1f}x the official loop")
-    print(f"score_point, Ray Data actor pool    : {pipe_rate:8.1f} examples/s ({actors} actors, start-up included); "
+    print(f"score_saved, Ray Data actor pool    : {pipe_rate:8.1f} examples/s ({actors} actors, start-up included); "
           f"{pipe_rate / ref_rate:.1f}x the official loop")
     print(f"this {a.device.upper()}'s fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s; the response-only head needs "
           f"{ref_flops / flops:.2f}x fewer FLOPs, so 100% of that rate would be {peak / flops / ref_rate:.1f}x")

@@ -250,18 +250,18 @@ def score_own_checkpoints(run: RunDir, cfg: S2LConfig, points: list[tuple[int, s
 
     from .layout import resolve
     from .models import resolve_gpu
-    from .scoring import score_point
+    from .proxy import score_saved
 
     runs = [run] + ([target] if target is not None else [])
     reused = sorted(run.done_points())
+    saved = {}
     for t, (step, uri) in enumerate(points):
         run.mark_checkpoint(t, {"step": step, "path": uri, "uri": uri})
-        todo = [r.uri for r in runs if t not in r.done_points()]
-        if todo:
-            fs, path = resolve(uri)
-            rec = score_point(todo, t, step, Checkpoint(path, fs), cfg.scoring, resolve_gpu(cfg.proxy.use_gpu),
-                              cfg.proxy.precision)
-            log(f"proxy: point {t + 1}/{len(points)}, your checkpoint at step {step}, scored ({rec['seconds']:.1f}s)")
+        fs, path = resolve(uri)
+        saved[t] = (step, Checkpoint(path, fs))
+    for rec in score_saved(runs, saved, cfg.scoring, resolve_gpu(cfg.proxy.use_gpu), cfg.proxy.precision):
+        log(f"proxy: point {rec['t'] + 1}/{len(points)}, your checkpoint at step {rec['step']}, scored "
+            f"({rec['seconds']:.1f}s)")
     return {"checkpoints": [{"step": s, "uri": u} for s, u in points], "reused_points": reused, "trained": False}
 
 

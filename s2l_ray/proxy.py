@@ -2,9 +2,10 @@
 
 Training reports a checkpoint at T steps spread evenly over training. A Ray Train callback
 (run in the Train controller) hands each persisted checkpoint to a scoring coordinator actor,
-which runs the Ray Data scoring job for it (``scoring.score_point``) one point after another
-while training goes on. A rerun into the same run directory scores the checkpoints that were
-persisted but not scored, and resumes training from the latest checkpoint if T was not reached.
+whose one Ray Data scoring job (``scoring.score_points``) scores the points one after another
+while training goes on, its actors started once for the whole run. A rerun into the same run
+directory scores the checkpoints that were persisted but not scored, and resumes training from
+the latest checkpoint if T was not reached.
 The target examples (``<run>/target``, when given) are scored at every point with the corpus, by
 the same actors; a new target set is scored from the saved checkpoints alone, training nothing.
 Workers read the stored corpus from the object store in a fresh seeded permutation each epoch
@@ -31,7 +32,7 @@ from .config import ProxyConfig, ScoringConfig
 from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
 from .progress import Rate, log
-from .scoring import score_point
+from .scoring import score_points
 
 
 class ProxyError(ValueError):
@@ -159,16 +160,25 @@ def train_loop(config: dict) -> None:
                         ray.train.report(metrics)
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+@ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"gate": 2})
 class ScoringCoordinator:
-    """Receives persisted checkpoints and scores them one after another in a background thread: each point for
-    every run directory given (the corpus, and the target examples) that has not done it yet. Once a point fails,
-    the next checkpoint submitted is refused, which ends the training run."""
+    """Receives persisted checkpoints and has them scored by one Ray Data job (``scoring.score_points``) that runs
+    in a background thread for the whole proxy run: trajectory points ``points``, each for the run directories
+    given (the corpus, and the target examples) that lack it. The job's actors start when the first checkpoint
+    lands, beside training where the cluster has room for them and for ``training`` (the resources the training
+    workers take in all), else once training has ended (so that they never hold what a restarted training worker
+    needs). Once a point fails, the next checkpoint submitted is refused,
+    which ends the training run."""
 
-    def __init__(self, runs: list[str], cfg: ScoringConfig, use_gpu: bool, precision: str):
+    def __init__(self, runs: list[str], points: list[int], cfg: ScoringConfig, use_gpu: bool, precision: str,
+                 training: dict[str, float] | None = None):
         self.runs = [RunDir(u) for u in runs]
+        self.todo = {t: [r.uri for r in self.runs if t not in r.done_points()] for t in points}
         self.args = (cfg, use_gpu, precision)
-        self.queue: queue.Queue = queue.Queue()
+        self.training = training or {}  # what the training workers hold in all
+        self.ready: dict[int, tuple] = {}
+        self.training_over = False
+        self.changed = threading.Condition()
         self.results: list[dict] = []
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._work, daemon=True)
@@ -191,36 +201,92 @@ class ScoringCoordinator:
         self.score(t, step, checkpoint)
 
     def score(self, t: int, step: int, checkpoint: Checkpoint) -> None:
-        """Queue an already recorded checkpoint for scoring."""
-        self.queue.put((t, step, checkpoint))
+        """Hand an already recorded checkpoint to the scoring job."""
+        with self.changed:
+            self.ready[t] = (step, checkpoint, time.time())
+            self.changed.notify_all()
+
+    @ray.method(concurrency_group="gate")
+    def checkpoint(self, t: int) -> tuple:
+        """``(step, Checkpoint, when it was handed over)`` of point ``t``, once it has been (the scoring job's gate)."""
+        with self.changed:
+            self.changed.wait_for(lambda: t in self.ready)
+            return self.ready[t]
 
     def failed(self) -> list[str]:
         """The points that failed so far, each with its error."""
         return list(self.errors)
 
-    def _work(self) -> None:
-        task = ray.remote(num_cpus=0, max_retries=2)(score_point)
-        while (item := self.queue.get()) is not None:
-            t, step, ckpt = item
-            todo = [r.uri for r in self.runs if t not in r.done_points()]
-            try:
-                rec = ray.get(task.remote(todo, t, step, ckpt, *self.args))
-                log(f"point {t}: {rec['rows']:,} rows scored in {rec['seconds']:.1f}s "
-                    f"({rec['rows'] / max(rec['seconds'], 1e-9):,.0f} rows/s)", "scoring")
-                self.results.append({**rec, "runs": todo})
-            except Exception as e:  # noqa: BLE001 - kept for submit() and finish(); later queued points still run
-                cause = getattr(e, "cause", None) or e
-                self.errors.append(f"trajectory point {t}: {type(cause).__name__}: {cause}")
-                log(f"point {t} failed ({type(cause).__name__}: {cause}); training stops at its next point",
-                    "scoring")
+    def _room(self) -> bool:
+        """Whether the cluster as it stands holds every scoring actor beside what training takes."""
+        cfg, use_gpu, _ = self.args
+        need = cfg.actors.ray_resources(use_gpu, "scoring.actors")
+        total = ray.cluster_resources()
+        return all(total.get(k, 0.0) + 1e-9 >= self.training.get(k, 0.0) + v * cfg.actors.count
+                   for k, v in need.items() if v)
 
-    def finish(self) -> list[dict]:
-        """Wait for every submitted point; raise ``ScoringFailed`` if any failed."""
-        self.queue.put(None)
+    def _scored(self, rec: dict) -> None:
+        log(f"point {rec['t']}: {rec['rows']:,} rows scored in {rec['seconds']:.1f}s "
+            f"({rec['rows'] / max(rec['seconds'], 1e-9):,.0f} rows/s)", "scoring")
+        self.results.append(rec)
+
+    def _work(self) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.ready or self.training_over)
+        if not self.training_over and not self._room():
+            log("no room for the scoring actors beside training: the points are scored once training has ended",
+                "scoring")
+            with self.changed:
+                self.changed.wait_for(lambda: self.training_over)
+        todo = {t: runs for t, runs in self.todo.items() if runs}
+        if not todo:
+            return
+        try:
+            score_points(todo, ray.get_runtime_context().current_actor, *self.args, on_point=self._scored)
+        except Exception as e:  # noqa: BLE001 - kept for submit() and finish()
+            cause = _root_cause(e)
+            t = min(set(todo) - {r["t"] for r in self.results})
+            self.errors.append(f"trajectory point {t}: {type(cause).__name__}: {cause}")
+            log(f"point {t} failed ({type(cause).__name__}: {cause}); training stops at its next point", "scoring")
+
+    def finish(self) -> tuple[list[dict], list[str]]:
+        """Once training has ended: wait for every point; the records of those scored and the errors of those that
+        failed."""
+        with self.changed:
+            self.training_over = True
+            self.changed.notify_all()
         self.thread.join()
-        if self.errors:
-            raise ScoringFailed("; ".join(self.errors))
-        return self.results
+        return sorted(self.results, key=lambda r: r["t"]), list(self.errors)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user code's own exception inside Ray's and Ray Data's wrappings of it."""
+    while True:
+        inner = getattr(e, "cause", None) or e.__cause__
+        if inner is None or inner is e:
+            return e
+        e = inner
+
+
+def _finished(coordinator) -> list[dict]:
+    """The coordinator's records once every point is scored; ``ScoringFailed`` naming each point that failed."""
+    results, errors = ray.get(coordinator.finish.remote())
+    if errors:
+        raise ScoringFailed("; ".join(errors))
+    return results
+
+
+def score_saved(runs: list[RunDir], points: dict[int, tuple[int, Checkpoint]], cfg: ScoringConfig, use_gpu: bool,
+                precision: str) -> list[dict]:
+    """Score saved checkpoints (``{t: (step, Checkpoint)}``) where ``runs`` lack them, training nothing: the
+    user's own checkpoints, or a run's persisted points; the records of the points scored."""
+    coordinator = ScoringCoordinator.remote([r.uri for r in runs], sorted(points), cfg, use_gpu, precision)
+    try:
+        for t, (step, checkpoint) in points.items():
+            ray.get(coordinator.score.remote(t, step, checkpoint))
+        return _finished(coordinator)
+    finally:
+        ray.kill(coordinator)
 
 
 def train_compute(checkpoints: dict[int, dict]) -> float:
@@ -253,9 +319,6 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
     """Train the proxy and score every trajectory point not yet done, for the corpus and for the stored ``target``
     examples when given (from the saved checkpoints, training nothing, where only they lack a point); returns
     stage statistics: ``reused_points`` are the corpus's."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     plan = make_plan(n_rows, proxy)
     run.remove_temporaries()  # an interrupted run's half-written files: never read, removed before new work
     runs = [run] + ([target] if target is not None else [])
@@ -273,47 +336,60 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
                              "score them")
     use_gpu = resolve_gpu(proxy.use_gpu)
     stats["use_gpu"] = use_gpu
+    last = max(ckpts) if ckpts else None
+    train = last is None or last < proxy.num_points - 1
+    resources = proxy.workers.ray_resources(use_gpu, "proxy.workers")
     here = ray.get_runtime_context().get_node_id()  # the driver's node: a lost worker node must not take it along
     coordinator = ScoringCoordinator.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)) \
-        .remote([r.uri for r in runs], scoring, use_gpu, proxy.precision)
-    for t in todo:  # persisted before an interruption (or before this target was given), never scored
-        if t in ckpts:
-            ray.get(coordinator.score.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
-    last = max(ckpts) if ckpts else None
-    if last is None or last < proxy.num_points - 1:
-        resume = Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None
-        parts = run.corpus_parts()
-        data = batches.load(run.uri, [p[3] for p in parts], [p[2] for p in parts])
-        config = {
-            "model": model_spec, "lr": proxy.lr, "weight_decay": proxy.weight_decay, "schedule": proxy.schedule,
-            "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
-            "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
-            "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
-            "threads": max(1, int(proxy.workers.cpus)), "pad_id": pad_id, "resume": resume, "data": data,
-        }
-        resources = proxy.workers.ray_resources(use_gpu, "proxy.workers")
-        trainer = TorchTrainer(
-            train_loop, train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=proxy.workers.count, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(
-                # the run directory's own filesystem (the S3 endpoint included), so that checkpoints go
-                # where every other output goes; the path is then one inside it, without scheme
-                name=f"proxy-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=run.proxy_dir,
-                storage_filesystem=run.fs,
-                checkpoint_config=CheckpointConfig(num_to_keep=None),
-                failure_config=FailureConfig(max_failures=max_failures),
-                callbacks=[_trajectory_callback(coordinator)]))
-        started = time.time()
-        try:
-            trainer.fit()
-        except Exception:
-            if failed := ray.get(coordinator.failed.remote()):  # the scorer's error, not Ray Train's wrapping of it
-                raise ScoringFailed(f"scoring failed, so training stopped: {'; '.join(failed)}") from None
-            raise
-        stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2),
-                     train_compute_seconds=train_compute(run.proxy_checkpoints()))
-    stats["scored"] = ray.get(coordinator.finish.remote())
+        .remote([r.uri for r in runs], todo, scoring, use_gpu, proxy.precision,
+                {k: v * proxy.workers.count for k, v in resources.items()} if train else None)
+    try:
+        for t in todo:  # persisted before an interruption (or before this target was given), never scored
+            if t in ckpts:
+                ray.get(coordinator.score.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
+        if train:
+            started = time.time()
+            _fit(run, proxy, plan, model_spec, pad_id, resources, use_gpu, max_failures, coordinator,
+                 resume=Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None)
+            stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2),
+                         train_compute_seconds=train_compute(run.proxy_checkpoints()))
+        stats["scored"] = _finished(coordinator)
+    finally:
+        ray.kill(coordinator)  # with it the scoring job's actors, should training have failed
     stats["score_compute_seconds"] = round(sum(r.get("compute_seconds", 0.0) for r in stats["scored"]), 3)
-    ray.kill(coordinator)
     return stats
+
+
+def _fit(run: RunDir, proxy: ProxyConfig, plan: Plan, model_spec: dict, pad_id: int, resources: dict, use_gpu: bool,
+         max_failures: int, coordinator, resume: Checkpoint | None) -> None:
+    """The Ray Train run: from ``resume`` (or the start) to the last point, each checkpoint handed to ``coordinator``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    parts = run.corpus_parts()
+    data = batches.load(run.uri, [p[3] for p in parts], [p[2] for p in parts])
+    config = {
+        "model": model_spec, "lr": proxy.lr, "weight_decay": proxy.weight_decay, "schedule": proxy.schedule,
+        "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
+        "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
+        "threads": max(1, int(proxy.workers.cpus)), "pad_id": pad_id, "resume": resume, "data": data,
+    }
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=proxy.workers.count, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            # the run directory's own filesystem (the S3 endpoint included), so that checkpoints go
+            # where every other output goes; the path is then one inside it, without scheme
+            name=f"proxy-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=run.proxy_dir,
+            storage_filesystem=run.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=[_trajectory_callback(coordinator)]))
+    try:
+        trainer.fit()
+    except Exception:
+        if failed := ray.get(coordinator.failed.remote()):  # the scorer's error, not Ray Train's wrapping of it
+            raise ScoringFailed(f"scoring failed, so training stopped: {'; '.join(failed)}") from None
+        raise

@@ -5,7 +5,8 @@ scored alone: sequences are right-padded (a causal model's real tokens never att
 padding after them), labels on padding and prompt are ignored, and the reduction is per row.
 Rows are grouped by length so that a forward pass wastes little on padding. An example's
 embedding (for ``embedding-target``) is the mean over its tokens of the last layer's hidden states.
-One actor pool scores the corpus and the target examples of a run together (``score_parts``).
+One Ray Data job scores every trajectory point of a run, the corpus and the target examples together
+(``score_points``): its actors start once and swap the model from one point to the next.
 """
 from __future__ import annotations
 
@@ -133,28 +134,39 @@ def embed_rows(model: torch.nn.Module, input_ids: list, pad_id: int, max_tokens:
 
 
 class PartScorer:
-    """Ray Data actor: loads one checkpoint's model once; scores whole stored parts.
+    """Ray Data actor: scores whole stored parts, each with the checkpoint its row names; the model in memory is
+    kept from one row to the next and swapped when a row names another checkpoint (the next trajectory point).
 
-    Each call gets ``(run, part)`` pairs: the stored parts of one or more run directories (the corpus
-    and the target examples, stored alike). ``kind`` ``loss`` writes trajectory point t's losses
+    Each row is ``(run, part, t, step, checkpoint)``: a stored part of a run directory (the corpus or the target
+    examples, stored alike). ``kind`` ``loss`` writes trajectory point t's losses
     (``trajectories/checkpoint=t/part-<n>.parquet``); ``embedding`` the mean-pooled hidden states
     (``embeddings/part-<n>.parquet``). Files are written atomically under fixed names, so a retried
     call (after an actor died) rewrites the same file and no row is lost or duplicated. The stage
     decides the device and precision; the actor obeys.
     """
 
-    def __init__(self, checkpoint: Any, kind: str, t: int, step: int, max_tokens: int, use_gpu: bool,
-                 precision: str):
-        from .models import load_model, resolve_bf16
+    def __init__(self, kind: str, max_tokens: int, use_gpu: bool, precision: str):
+        from .models import resolve_bf16
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.autocast = torch.bfloat16 if resolve_bf16(precision, use_gpu) else None
+        self.kind, self.max_tokens = kind, max_tokens
+        self.model, self.loaded = None, None
+
+    def _load(self, checkpoint: Any) -> None:
+        from .models import load_model
+
+        if self.loaded == checkpoint.path:
+            return
+        self.model = None  # the previous point's weights go before the next ones arrive
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         with model_weights(checkpoint) as d:
             self.model = load_model(d).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
-        self.kind, self.t, self.step, self.max_tokens = kind, t, step, max_tokens
+        self.loaded = checkpoint.path
 
-    def _table(self, src: pa.Table) -> pa.Table:
+    def _table(self, src: pa.Table, t: int, step: int) -> pa.Table:
         ids = src.column("input_ids").to_pylist()
         n = src.num_rows
         if self.kind == "embedding":
@@ -165,79 +177,144 @@ class PartScorer:
         out = score_rows(self.model, ids, src.column("spans").to_pylist(), self.pad_id, self.max_tokens,
                          self.device, self.autocast)
         return pa.table({
-            "idx": src.column("idx"), "id": src.column("id"), "checkpoint": pa.array(np.full(n, self.t, np.int32)),
-            "step": pa.array(np.full(n, self.step, np.int64)),
+            "idx": src.column("idx"), "id": src.column("id"), "checkpoint": pa.array(np.full(n, t, np.int32)),
+            "step": pa.array(np.full(n, step, np.int64)),
             "loss": out["loss"], "confidence": out["confidence"], "n_tokens": out["n_tokens"]},
             schema=TRAJECTORY_SCHEMA)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, seconds, sums = [], [], []
-        for uri, part in zip(batch["run"], batch["part"]):
-            run = RunDir(str(uri))
-            src = pq.read_table(run.corpus_part(int(part)), filesystem=run.fs,
+        for uri, part, t, step, checkpoint in zip(batch["run"], batch["part"], batch["t"], batch["step"],
+                                                  batch["checkpoint"]):
+            run, part, t = RunDir(str(uri)), int(part), int(t)
+            self._load(checkpoint)
+            src = pq.read_table(run.corpus_part(part), filesystem=run.fs,
                                 columns=["idx", "id", "input_ids", "spans"], partitioning=None)
             tick = time.perf_counter()
-            table = self._table(src)
+            table = self._table(src, t, int(step))
             seconds.append(time.perf_counter() - tick)
-            dest = run.embedding_part(int(part)) if self.kind == "embedding" else run.trajectory_part(self.t, int(part))
+            dest = run.embedding_part(part) if self.kind == "embedding" else run.trajectory_part(t, part)
             write_parquet_atomic(run.fs, dest, table)
             rows.append(src.num_rows)
             sums.append(float(np.nansum(table.column("loss").to_numpy())) if self.kind == "loss" else 0.0)
-        return {"run": batch["run"], "part": batch["part"], "rows": np.asarray(rows, np.int64),
-                "seconds": np.asarray(seconds), "loss_sum": np.asarray(sums)}
+        return {"run": batch["run"], "part": batch["part"], "t": batch["t"], "step": batch["step"],
+                "ready": batch["ready"], "rows": np.asarray(rows, np.int64), "seconds": np.asarray(seconds),
+                "loss_sum": np.asarray(sums)}
 
 
-def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool, precision: str,
-                t: int = 0, step: int = 0) -> dict[str, dict]:
-    """Score every stored part of ``runs`` with one checkpoint in one Ray Data actor pool; per run URI, the
-    files written, rows and compute seconds. Each run's output folder is cleared first, so nothing an
-    interrupted attempt left there is mixed in, and checked whole at the end (every part, every row)."""
+def _output_dir(run: RunDir, kind: str, t: int) -> str:
+    return run.trajectory_dir(t) if kind == "loss" else run.path("embeddings")
+
+
+def _clear(runs: list[RunDir], kind: str, t: int) -> None:
+    """Empty each run's output folder of point ``t``, so nothing an interrupted attempt left there is mixed in."""
+    for r in runs:
+        if exists(r.fs, folder := _output_dir(r, kind, t)):
+            r.fs.delete_dir(folder)
+
+
+def _items(runs: list[RunDir], t: int, step: int, checkpoint: Any, ready: float) -> list[dict]:
+    return [{"run": r.uri, "part": p[0], "t": t, "step": step, "checkpoint": checkpoint, "ready": ready}
+            for r in runs for p in r.corpus_parts()]
+
+
+def _scored(run: RunDir, kind: str, t: int, mine: list[dict]) -> dict:
+    """One run's record of a finished point (or of its embeddings), checked whole: every part, every row."""
+    remove_temporaries(run.fs, _output_dir(run, kind, t))  # left by an actor killed while writing; the retry rewrote it
+    parts = [p[0] for p in run.corpus_parts()]
+    rows, expected = sum(int(d["rows"]) for d in mine), run.read_manifest()["corpus"]["rows"]
+    got = sorted(int(d["part"]) for d in mine)
+    if got != parts or rows != expected:
+        raise RuntimeError(f"{kind} of {run.uri} at point {t}: {rows} rows in parts {got}, "
+                           f"expected {expected} rows in {len(parts)} parts")
+    files = [run.trajectory_part(t, p) if kind == "loss" else run.embedding_part(p) for p in parts]
+    return {"files": files, "rows": rows, "compute_seconds": round(float(sum(d["seconds"] for d in mine)), 3),
+            "mean_loss": float(sum(d["loss_sum"] for d in mine)) / rows}
+
+
+def _raise_own_errors() -> None:
+    """A scorer's error reaches the caller as itself (``IsADirectoryError: ...``), not as Ray Data's wrapping."""
     import ray.data
 
-    folders = {r.uri: r.trajectory_dir(t) if kind == "loss" else r.path("embeddings") for r in runs}
-    for r in runs:
-        if exists(r.fs, folders[r.uri]):
-            r.fs.delete_dir(folders[r.uri])
-    items = [{"run": r.uri, "part": p[0]} for r in runs for p in r.corpus_parts()]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        PartScorer, fn_constructor_args=(checkpoint, kind, t, step, cfg.max_tokens, use_gpu, precision), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.actors.count, len(items))),
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
+def _scorer(ds, cfg: ScoringConfig, kind: str, use_gpu: bool, precision: str, parts: int):
+    import ray.data
+
+    return ds.map_batches(
+        PartScorer, fn_constructor_args=(kind, cfg.max_tokens, use_gpu, precision), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.actors.count, parts)),
         num_cpus=cfg.actors.cpus, num_gpus=cfg.actors.gpus if use_gpu else 0,
         resources=parse_resources(cfg.actors.resources, "scoring.actors.resources") or None)
+
+
+def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
+                precision: str) -> dict[str, dict]:
+    """Score every stored part of ``runs`` with one checkpoint in one Ray Data actor pool (the embeddings); per run
+    URI, the files written, rows and compute seconds."""
+    import ray.data
+
+    _raise_own_errors()
+    _clear(runs, kind, 0)
+    items = _items(runs, 0, 0, checkpoint, time.time())
+    ds = _scorer(ray.data.from_items(items, override_num_blocks=len(items)), cfg, kind, use_gpu, precision,
+                 len(items))
     done: list[dict] = []
-    progress = Progress(len(items), "parts", "scoring", lambda d: f"{kind}, point {t}")
+    progress = Progress(len(items), "parts", "scoring", lambda d: kind)
     for row in ds.iter_rows():
         done.append(row)
         progress(done)
-    out = {}
-    for r in runs:
-        mine = [d for d in done if d["run"] == r.uri]
-        remove_temporaries(r.fs, folders[r.uri])  # left by an actor killed while writing; the retry rewrote it
-        parts = [p[0] for p in r.corpus_parts()]
-        rows, expected = sum(int(d["rows"]) for d in mine), r.read_manifest()["corpus"]["rows"]
-        if sorted(int(d["part"]) for d in mine) != parts or rows != expected:
-            raise RuntimeError(f"{kind} of {r.uri} at point {t}: {rows} rows in parts "
-                               f"{sorted(int(d['part']) for d in mine)}, expected {expected} rows in {len(parts)} parts")
-        files = [r.trajectory_part(t, p) if kind == "loss" else r.embedding_part(p) for p in parts]
-        out[r.uri] = {"files": files, "rows": rows, "compute_seconds": round(float(sum(d["seconds"] for d in mine)), 3),
-                      "mean_loss": float(sum(d["loss_sum"] for d in mine)) / rows}
-    return out
+    return {r.uri: _scored(r, kind, 0, [d for d in done if d["run"] == r.uri]) for r in runs}
 
 
-def score_point(runs: list[str], t: int, step: int, checkpoint: Any, cfg: ScoringConfig, use_gpu: bool,
-                precision: str) -> dict:
-    """Score the stored rows of ``runs`` (the corpus, and the target examples when given) with one checkpoint
-    into each run's ``trajectories/checkpoint=t/``; each run records the point as done once all its parts are."""
-    start = time.time()
-    dirs = [RunDir(u) for u in runs]
-    scored = score_parts(dirs, "loss", checkpoint, cfg, use_gpu, precision, t, step)
-    seconds = round(time.time() - start, 3)
-    for r in dirs:
-        rec = scored[r.uri]
-        r.mark_point_done(t, {"step": step, **rec, "seconds": seconds,
-                              "corpus_fingerprint": r.read_manifest()["corpus"]["fingerprint"]})
-    return {"t": t, "step": step, "seconds": seconds, "rows": sum(v["rows"] for v in scored.values()),
-            "compute_seconds": round(sum(v["compute_seconds"] for v in scored.values()), 3)}
+def _gate(row: dict, source: Any, todo: dict[int, list[str]]) -> dict:
+    """Ray Data step before the scorers, one stored part at a time in order: waits until point ``t``'s checkpoint
+    is persisted (``source.checkpoint``, an actor method); at the point's first part, empties its folders."""
+    import ray
+
+    t = int(row["t"])
+    step, checkpoint, ready = ray.get(source.checkpoint.remote(t))
+    if row["first"]:
+        _clear([RunDir(u) for u in todo[t]], "loss", t)
+    return {**row, "step": step, "checkpoint": checkpoint, "ready": ready}
+
+
+def score_points(todo: dict[int, list[str]], source: Any, cfg: ScoringConfig, use_gpu: bool, precision: str,
+                 on_point) -> None:
+    """Score trajectory points ``t`` (in order) of the runs ``todo[t]`` (URIs: the corpus, and the target examples
+    when given) in ONE Ray Data job: its actors start once and swap the model per point. Each point waits for its
+    checkpoint (``source.checkpoint(t)`` returns ``(step, Checkpoint, ready time)``, blocking until it is
+    persisted); once all its parts are scored, each run records the point as done and ``on_point(record)`` is
+    called."""
+    import ray.data
+
+    _raise_own_errors()
+    points = sorted(todo)
+    items = [{"run": u, "part": p[0], "t": t} for t in points for u in todo[t] for p in RunDir(u).corpus_parts()]
+    for i, item in enumerate(items):
+        item["first"] = i == 0 or items[i - 1]["t"] != item["t"]
+    parts = {t: sum(1 for i in items if i["t"] == t) for t in points}
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        _gate, fn_args=(source, todo), num_cpus=0, concurrency=1)
+    ds = _scorer(ds, cfg, "loss", use_gpu, precision, max(parts.values()))
+    done: dict[int, list[dict]] = {t: [] for t in points}
+    progress = {t: Progress(parts[t], "parts", "scoring", lambda d, t=t: f"point {t}") for t in points}
+    for row in ds.iter_rows():
+        t = int(row["t"])
+        done[t].append(row)
+        progress[t](done[t])
+        if len(done[t]) < parts[t]:
+            continue
+        step, seconds = int(row["step"]), round(time.time() - float(row["ready"]), 3)
+        records = {}
+        for r in (RunDir(u) for u in todo[t]):
+            records[r.uri] = _scored(r, "loss", t, [d for d in done[t] if d["run"] == r.uri])
+            r.mark_point_done(t, {"step": step, **records[r.uri], "seconds": seconds,
+                                  "corpus_fingerprint": r.read_manifest()["corpus"]["fingerprint"]})
+        on_point({"t": t, "step": step, "seconds": seconds, "rows": sum(v["rows"] for v in records.values()),
+                  "compute_seconds": round(sum(v["compute_seconds"] for v in records.values()), 3),
+                  "runs": todo[t]})
 
 
 def reference_losses(model: torch.nn.Module, tokenizer: Any, rows: list[dict], text: Any) -> np.ndarray:

@@ -293,7 +293,7 @@ def test_scoring_actor_killed_midway_loses_and_duplicates_nothing(faults):
     np.testing.assert_allclose(got.column("loss").to_numpy(), ref, rtol=0, atol=1e-5)
 
 
-def test_driver_killed_midrun_rerun_completes_and_redoes_at_most_one_point(faults):
+def test_driver_killed_midrun_rerun_completes_and_redoes_only_the_points_in_hand(faults):
     run, _, _, at_kill, _, _ = faults
     rerun_ok(faults)
     done_before = sorted(at_kill["done"])
@@ -304,11 +304,14 @@ def test_driver_killed_midrun_rerun_completes_and_redoes_at_most_one_point(fault
     assert stats["reused_points"] == done_before
     for t, files in at_kill["done"].items():
         assert {f: (os.path.getmtime(f), digest(f)) for f in files} == files
-    # the other points are scored from their saved checkpoints, without training again; of those,
-    # at most one had its scoring begun (and lost) when the driver died
+    # the other points are scored from their saved checkpoints, without training again; of those, only
+    # what the one scoring actor had in hand had begun (and was lost) when the driver died: the point after
+    # the last one done, and the next one, which the actor starts while the previous point is recorded
     assert not stats["trained"]
     assert sorted(s["t"] for s in stats["scored"]) == [t for t in range(T) if t not in done_before]
-    assert len(at_kill["started_points"]) <= 1
+    first = max(done_before) + 1
+    assert at_kill["started_points"] == list(range(first, first + len(at_kill["started_points"])))
+    assert len(at_kill["started_points"]) <= 2
     check_trajectories(run)
     # nothing torn or temporary is left: each point's folder holds exactly its parts
     for t in range(T):
