@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from s2l_ray import evaluate
 
         cfg = load_config(a.config, {**overrides, **parse_sets(a.set)}, cls=EvaluateConfig)
+        evaluate.check(cfg)  # before Ray starts
         pipeline.ensure_ray()
         evaluate.run(cfg)
 

@@ -163,6 +163,16 @@ class SelectConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of a job (``tracking``), through Ray's MLflow and W&B integrations."""
+
+    backend: str = "none"  # none | mlflow | wandb
+    project: str = "s2l-ray"  # MLflow experiment / W&B project
+    uri: str = ""  # MLflow tracking URI (empty: MLFLOW_TRACKING_URI); W&B: the local folder of its files
+    run_name: str = ""  # empty: the job's output folder's name
+
+
+@dataclass
 class S2LConfig:
     """A whole selection run."""
 
@@ -175,6 +185,7 @@ class S2LConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -212,6 +223,7 @@ class FinetuneConfig:
     length_window: int = 1  # >1: rows grouped by length within windows of this many micro-batches (less padding)
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
     text: TextConfig = field(default_factory=TextConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -239,6 +251,7 @@ class EvaluateConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass
@@ -292,6 +305,7 @@ class BenchmarkConfig:
     # held-out items of demo.target_sources (eval_target.jsonl) are the one-task evaluation set
     demo_target: str = ""
     bases: BasesConfig = field(default_factory=BasesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # the benchmark's own run: results and ledger
     selection: S2LConfig = field(default_factory=S2LConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import tracking
 from .answers import answers_match, extract_gold, extract_prediction
 from .config import EvaluateConfig, TextConfig, parse_resources, to_dict
 from .layout import absolute
@@ -232,6 +233,11 @@ def trained_format(cfg: EvaluateConfig) -> EvaluateConfig:
     return replace(cfg, text=replace(cfg.text, **take))
 
 
+def check(cfg: EvaluateConfig) -> None:
+    """What is checked before Ray starts: the settings that need no data or model."""
+    tracking.check(cfg.tracking)
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.corpus.path`` (default: the demo eval set); returns the metrics."""
     return run_many([cfg])[0]
@@ -248,6 +254,8 @@ def run_many(cfgs: list[EvaluateConfig]) -> list[dict]:
     from .models import resolve_bf16, resolve_gpu
     from .nodes import autoscaling, check_visible
 
+    for c in cfgs:
+        check(c)
     paths = [resolve_paths(c) for c in cfgs]
     cfgs = [c if model == absolute(c.model) else trained_format(c) for c, (model, _) in zip(cfgs, paths)]
     cfg = cfgs[0]
@@ -308,6 +316,10 @@ def _write(cfg: EvaluateConfig, model_dir: str, out: str, data: str, results: li
     write_bytes_atomic(fs, posixpath.join(root, "predictions.jsonl"), "".join(
         json.dumps({k: r[k] for k in ("id", "source", "gold", "prediction", "correct", "loss", "generation")}) + "\n"
         for r in results).encode())
+    with tracking.tracked(cfg.tracking, tracking.run_name(cfg.tracking, out), to_dict(cfg)) as tracker:
+        tracker.metrics({f"eval/{k}": v for k, v in metrics["overall"].items()}
+                        | {f"eval/source/{s}/{k}": v for s, rec in metrics["sources"].items() for k, v in rec.items()})
+        tracker.files("evaluation", fs, [posixpath.join(root, f) for f in ("metrics.json", "metrics.md")])
     o = metrics["overall"]
     log(f"{model_dir}: exact match {100 * o['accuracy']:.1f}% ({o['correct']}/{o['n']}), mean response loss "
         f"{o['loss']}; wrote {out}/metrics.json, metrics.md")

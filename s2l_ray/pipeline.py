@@ -13,7 +13,7 @@ import posixpath
 import sys
 import time
 
-from . import __version__
+from . import __version__, tracking
 from .config import ConfigError, S2LConfig, to_dict
 from .layout import LayoutError, RunDir, absolute, exists, stage_key
 from .nodes import check_visible
@@ -403,6 +403,7 @@ def check_config(cfg: S2LConfig) -> methods.Method:
         raise ConfigError(f"text.template must contain {{prompt}}: {cfg.text.template!r}")
     if cfg.cluster.backend not in BACKENDS:
         raise ConfigError(f"cluster.backend must be one of {list(BACKENDS)}, not {cfg.cluster.backend!r}")
+    tracking.check(cfg.tracking)
     for name in ("proxy.num_points", "proxy.workers.count", "proxy.batch_size", "proxy.epochs", "cluster.k",
                  "scoring.actors.count"):
         value = cfg
@@ -512,16 +513,18 @@ def select(cfg: S2LConfig) -> dict:
     run.ensure()
     run.update_manifest(config=to_dict(cfg), versions=versions(), command=sys.argv, demo=inputs["demo"])
     run.update_manifest(hub=inputs["hub"], merge=False)  # each Hub id's repository and commit, this run's only
-    corpus = run_corpus(run, cfg)
-    check_sizes(cfg, method, corpus["rows"])
-    run_target(run, cfg)
-    run_proxy(run, cfg, inputs, corpus)
-    if method.clusters:
-        run_clusters(run, cfg)
-    if method.score and methods.SCORES[method.score] == "embeddings":
-        run_embeddings(run, cfg)
-    run_select(run, cfg)
-    manifest = run.update_manifest(total_seconds=round(time.time() - total, 2))
-    write_html(run)  # rewritten for every selection: the page shows the current one
+    with tracking.tracked(cfg.tracking, tracking.run_name(cfg.tracking, run.uri), to_dict(cfg)) as tracker:
+        corpus = run_corpus(run, cfg)
+        check_sizes(cfg, method, corpus["rows"])
+        run_target(run, cfg)
+        run_proxy(run, cfg, inputs, corpus)
+        if method.clusters:
+            run_clusters(run, cfg)
+        if method.score and methods.SCORES[method.score] == "embeddings":
+            run_embeddings(run, cfg)
+        run_select(run, cfg)
+        manifest = run.update_manifest(total_seconds=round(time.time() - total, 2))
+        write_html(run)  # rewritten for every selection: the page shows the current one
+        tracking.log_selection(tracker, run)
     log("done\n" + summary(run, cfg))
     return manifest

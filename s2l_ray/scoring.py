@@ -299,11 +299,11 @@ def score_points(todo: dict[int, list[str]], source: Any, cfg: ScoringConfig, us
         _gate, fn_args=(source, todo), num_cpus=0, concurrency=1)
     ds = _scorer(ds, cfg, "loss", use_gpu, precision, max(parts.values()))
     done: dict[int, list[dict]] = {t: [] for t in points}
-    progress = {t: Progress(parts[t], "parts", "scoring", lambda d, t=t: f"point {t}") for t in points}
+    progress: dict[int, Progress] = {}  # each from its point's first scored part
     for row in ds.iter_rows():
         t = int(row["t"])
         done[t].append(row)
-        progress[t](done[t])
+        progress.setdefault(t, Progress(parts[t], "parts", "scoring", lambda d, t=t: f"point {t}"))(done[t])
         if len(done[t]) < parts[t]:
             continue
         step, seconds = int(row["step"]), round(time.time() - float(row["ready"]), 3)

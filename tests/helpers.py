@@ -192,3 +192,35 @@ def open_page(path, screenshot=None, timeout: float = 60.0) -> dict:
                     "tables": [t for t in tables if t]}
         finally:
             browser.close()
+
+
+def wandb_records(path) -> list:
+    """The records of a W&B run file (``run-<id>.wandb``, as offline mode writes it), read with wandb's own protobuf
+    messages: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of chunks (CRC32, 2-byte length, type:
+    1 whole, 2 first, 3 middle, 4 last; a block's last 6 bytes or fewer are padding)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def wandb_history(path) -> list[dict]:
+    """Each ``log`` call of a W&B run file: ``{metric: value}``."""
+    import json
+
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]

@@ -28,8 +28,10 @@ def tiny(tmp_path, **extra) -> BenchmarkConfig:
     }, cls=BenchmarkConfig)
 
 
-def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
-    cfg = tiny(tmp_path, methods="s2l,s2l-global,random")
+def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path}/mlruns"
+    cfg = tiny(tmp_path, methods="s2l,s2l-global,random", **{"tracking.backend": "mlflow", "tracking.uri": store})
     results = benchmark.run(cfg)
     n = results["rows"]
     assert n == 32 and results["budgets"] == [8]
@@ -50,6 +52,21 @@ def test_benchmark_runs_end_to_end_and_reuses_cells(ray_local, tmp_path):
     cost = results["cost"]
     assert cost["unit"] == "core-seconds" and cost["selection"]["proxy training"] > 0
     assert cost["selection"]["scoring"] > 0 and set(cost["finetune_mean"]) == {"s2l 8", "s2l-global 8", "random 8"}
+    # the benchmark's tracked run (MLflow's file store): the ledger, each method's mean, the comparisons, the files
+    from mlflow.tracking import MlflowClient
+
+    from s2l_ray.tracking import metric_name
+
+    client = MlflowClient(store)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("s2l-ray").experiment_id])
+    metrics = tracked.data.metrics
+    assert {k: metrics[metric_name(f"cost/selection/{k}/core_seconds")] for k in cost["selection"]} == cost["selection"]
+    assert metrics["cost/finetune_mean/random 8/core_seconds"] == cost["finetune_mean"]["random 8"]
+    mean = next(r for r in results["summary"] if r["method"] == "s2l")["evals"]["eval"]["accuracy"]
+    assert metrics["benchmark/eval/s2l/8/accuracy"] == mean
+    assert metrics["comparison/eval/s2l/loss/mean"] == comp[("s2l", "loss")]["mean"]
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "benchmark")} == {
+        "benchmark/results.json", "benchmark/results.md", "benchmark/results.html", "benchmark/results.png"}
     results = {**results, "cells": [c for c in results["cells"] if c["method"] == "s2l"]}
     for c in results["cells"]:
         e = c["evals"]["eval"]

@@ -113,6 +113,7 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
     (["--set", "text.template=Question: answer this"], r"text\.template must contain \{prompt\}"),
     (["--num-workers", "0"], r"proxy\.workers\.count must be at least 1, not 0"),
     (["--set", "proxy.schedule=step"], r"proxy\.schedule must be cosine, linear or constant, not 'step'"),
+    (["--set", "tracking.backend=neptune"], r"tracking\.backend must be one of \['none', 'mlflow', 'wandb'\]"),
     (["--set", "proxy.workers.resources=spot"], r"proxy\.workers\.resources"),
     (["--set", "proxy.use_gpu=true", "--set", "proxy.workers.gpus=0.5"],
      r"proxy\.workers\.gpus=0\.5 with 2 workers can put two training ranks on one GPU"),

@@ -14,7 +14,7 @@ import posixpath
 import time
 from dataclasses import replace
 
-from .. import pipeline
+from .. import pipeline, tracking
 from ..config import BenchmarkConfig, ConfigError, S2LConfig, to_dict
 from ..layout import RunDir, read_json, resolve, stage_key, write_bytes_atomic, write_json_atomic
 from ..stages import key_of, run_stage
@@ -68,6 +68,7 @@ def check_methods(cfg: BenchmarkConfig) -> None:
                               "demo_target with the demo)")
     if cfg.demo_target not in ("", "target", "target_chat"):
         raise ConfigError(f"demo_target must be empty, target or target_chat, not {cfg.demo_target!r}")
+    tracking.check(cfg.tracking)
 
 
 def prepare(cfg: BenchmarkConfig) -> BenchmarkConfig:
@@ -328,6 +329,8 @@ def run(cfg: BenchmarkConfig) -> dict:
     write_bytes_atomic(out.fs, out.path("results.md"), table.encode())
     write_bytes_atomic(out.fs, out.path("results.png"), plot_benchmark(rows, n))
     write_bytes_atomic(out.fs, out.path("results.html"), results_html(results).encode())
+    with tracking.tracked(cfg.tracking, tracking.run_name(cfg.tracking, out.uri), to_dict(cfg)) as tracker:
+        tracking.log_benchmark(tracker, results, out)
     log(f"done in {results['total_seconds']:.0f}s: {out.uri_of('results.md')}, {out.uri_of('results.html')}")
     print(table, flush=True)
     return results

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, replace
 
+from .. import tracking
 from ..config import ConfigError, FinetuneConfig, to_dict
 from ..layout import RunDir, stage_key
 from ..models import resolve_gpu
@@ -44,6 +45,7 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, bool]:
     from ..corpus import input_fingerprint
 
     run = RunDir(cfg.output)
+    tracking.check(cfg.tracking)
     data = resolve_data(cfg)
     cfg = replace(resolve_model(cfg), output=run.uri)
     check_visible({"data": data, "model": cfg.model, "text.tokenizer": cfg.text.tokenizer}, {"output": run.uri})
@@ -86,6 +88,7 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, bool]:
 def dry_run(cfg: FinetuneConfig) -> str:
     """Check a fine-tuning config as far as it goes without its data, model or Ray; the plan, as lines."""
     gpu = cfg.use_gpu == "true"
+    tracking.check(cfg.tracking)
     ds = deepspeed_config(cfg, gpu)
     make_plan(cfg.workers.count * cfg.micro_batch_size * cfg.grad_accum, cfg)  # the step arithmetic holds
     worker = cfg.workers.ray_resources(gpu, "workers")
@@ -147,7 +150,7 @@ def run_many(cfgs: list[FinetuneConfig], sweep_dir: str = "") -> list[dict]:
     use_gpu = todo[0][1]["use_gpu"]
     resources = first.workers.ray_resources(use_gpu, "workers")
     trainer = TorchTrainer(
-        train_loop, train_loop_config={"jobs": jobs, "use_gpu": use_gpu},
+        train_loop, train_loop_config={"jobs": jobs, "use_gpu": use_gpu, "env": tracking.environment()},
         scaling_config=ScalingConfig(num_workers=first.workers.count, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage.root, storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, first.keep_checkpoints)),

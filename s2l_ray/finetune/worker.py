@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FinetuneConfig, from_dict
+from ..config import FinetuneConfig, TrackingConfig, from_dict
 from ..layout import RunDir
 from ..progress import Rate, log
 from .plan import FinetuneError, Plan
@@ -23,6 +23,7 @@ def train_loop(loop: dict) -> None:
     model is already exported (before a worker-group restart, or by an earlier attempt) is skipped."""
     if not loop["use_gpu"]:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is first imported in this process
+    os.environ.update(loop["env"])  # the driver's tracking settings
     for job in loop["jobs"]:
         if not written(RunDir(job["output"]), job["plan"]):
             _train(job, resume=len(loop["jobs"]) == 1)
@@ -85,8 +86,21 @@ def _export(engine, tokenizer, rank: int, zero_stage: int, state: dict, output: 
 
 
 def _train(job: dict, resume: bool) -> None:
-    """One DeepSpeed fine-tuning run on this worker's share of its rows (``batches``: a fresh seeded
-    permutation each epoch; a resumed run continues at the micro-batch where its checkpoint was)."""
+    """One fine-tuning run, tracked by the worker of rank 0 (``tracking``)."""
+    import ray.train
+
+    from .. import tracking
+
+    cfg = from_dict(FinetuneConfig, job["cfg"])
+    track = cfg.tracking if ray.train.get_context().get_world_rank() == 0 else TrackingConfig()
+    with tracking.tracked(track, tracking.run_name(cfg.tracking, job["output"]), job["cfg"]) as tracker:
+        _steps(job, resume, cfg, tracker)
+
+
+def _steps(job: dict, resume: bool, cfg: FinetuneConfig, tracker) -> None:
+    """The DeepSpeed training steps of one run on this worker's share of its rows (``batches``: a fresh seeded
+    permutation each epoch; a resumed run continues at the micro-batch where its checkpoint was); each step's loss
+    and learning rate go to ``tracker``."""
     import gc
 
     import deepspeed
@@ -97,7 +111,6 @@ def _train(job: dict, resume: bool) -> None:
     from ..models import build_model, load_model, load_tokenizer
     from ..text import collate, labels_from
 
-    cfg = from_dict(FinetuneConfig, job["cfg"])
     plan = Plan(**job["plan"])
     torch.set_num_threads(max(1, int(cfg.workers.cpus)))
     torch.manual_seed(cfg.seed)
@@ -154,6 +167,7 @@ def _train(job: dict, resume: bool) -> None:
                             "lr": engine.get_lr()[0],  # and the step's compute seconds, mean over ranks
                             "compute": round(_mean_over_ranks(time.perf_counter() - tick, engine.device), 4)})
             acc = 0.0
+            tracker.metrics({"finetune/loss": history[-1]["loss"], "finetune/lr": history[-1]["lr"]}, step=step)
             if rank == 0 and (step == plan.total_steps or time.time() - said >= PROGRESS_SECONDS):
                 said = time.time()
                 log(f"step {step}/{plan.total_steps}, epoch {epoch}, loss {history[-1]['loss']:.4f}, lr "
