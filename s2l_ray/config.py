@@ -109,6 +109,7 @@ class ProxyConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     batch_size: int = 16  # per worker
+    packed: bool = False  # rows of a batch concatenated without padding (same loss; text.pack), else right-padded
     num_points: int = 12  # T: trajectory points spread evenly over training
     # your own checkpoints instead of training a proxy (--checkpoints): model dirs, or a training output whose
     # checkpoint-N folders are used in step order; local paths or URIs. Each is a trajectory point (num_points follows)
@@ -221,6 +222,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     workers: Placement = field(default_factory=lambda: Placement(count=2, cpus=1.0, gpus=1.0))  # Ray Train workers
     length_window: int = 1  # >1: rows grouped by length within windows of this many micro-batches (less padding)
+    packed: bool = False  # rows of a micro-batch concatenated without padding (same loss; text.pack), else padded
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(path="runs/demo"))
     text: TextConfig = field(default_factory=TextConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

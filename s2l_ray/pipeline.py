@@ -204,7 +204,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
         key = stage_key(corpus["fingerprint"], inputs["losses"], "official losses")
     else:
         p = to_dict(cfg.proxy)
-        for perf in ("workers", "use_gpu", "precision"):  # precision: below
+        for perf in ("workers", "use_gpu", "precision", "packed"):  # precision: below; packed: the same losses
             p.pop(perf)
         key = stage_key(corpus["fingerprint"], p, cfg.proxy.workers.count)  # the count fixes the training order
     rec = run.read_manifest().get("stages", {}).get("proxy")

@@ -91,7 +91,7 @@ def train_loop(config: dict) -> None:
     from transformers import get_scheduler
 
     from .models import load_model
-    from .text import collate, labels_from
+    from .text import training_batch
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
@@ -130,10 +130,9 @@ def train_loop(config: dict) -> None:
         positions = batches.epoch_positions(data.n, config["seed"], epoch, rank, world)
         for ids, spans in batches.iterate(rows, positions, config["batch_size"], start=step - epoch * spe):
             tick = time.perf_counter()
-            b = collate(ids, [labels_from(x, sp) for x, sp in zip(ids, spans)], pad)
-            b = {k: v.to(device) for k, v in b.items()}
+            b = {k: v.to(device) for k, v in training_batch(ids, spans, pad, config["packed"]).items()}
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = model(**b).loss
+                loss = model(**b, use_cache=False).loss  # no cache: packed rows are told apart by position_ids
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -374,6 +373,7 @@ def _fit(run: RunDir, proxy: ProxyConfig, plan: Plan, model_spec: dict, pad_id: 
         "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
         "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
         "threads": max(1, int(proxy.workers.cpus)), "pad_id": pad_id, "resume": resume, "data": data,
+        "packed": proxy.packed,
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,

@@ -212,6 +212,29 @@ def collate(input_ids: list, labels: list, pad_id: int, pad_to: int | None = Non
             "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
+def pack(input_ids: list, labels: list) -> dict[str, torch.Tensor]:
+    """Rows concatenated into one sequence of their real tokens, no padding: ``position_ids`` restart at 0 with each
+    row, from which transformers confines attention to each row (``masking_utils.find_packed_sequence_indices``:
+    a block-diagonal causal mask under SDPA); each row's first label is IGNORE_INDEX, so that no row's first token
+    is predicted from the row before it (padded, a row's first label is never predicted either). The mean loss over
+    the labelled tokens is then the padded batch's."""
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in input_ids])
+    lab = np.concatenate([np.asarray(y, dtype=np.int64) for y in labels])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    lab[starts] = IGNORE_INDEX
+    pos = np.arange(len(ids)) - np.repeat(starts, lengths)
+    return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(lab)[None],
+            "position_ids": torch.from_numpy(pos)[None]}
+
+
+def training_batch(input_ids: list, spans: list, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """One training micro-batch of rows (``encode``'s ids and label spans): packed (``pack``) or right-padded
+    (``collate``); the two give the same loss."""
+    labels = [labels_from(x, sp) for x, sp in zip(input_ids, spans)]
+    return pack(input_ids, labels) if packed else collate(input_ids, labels, pad_id)
+
+
 def length_buckets(lengths: np.ndarray | list[int], max_tokens: int) -> list[np.ndarray]:
     """Group row indices into batches of similar length with at most ``max_tokens`` padded tokens.
 

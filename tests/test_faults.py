@@ -14,7 +14,8 @@ the kill:
 3. the driver itself, once training is over and at least one point is scored but not all.
 
 Each kill thus lands in a state that was checked while frozen, not at a moment hoped for. The
-resumed proxy must end with the same weights as an uninterrupted run of the same command.
+resumed proxy (trained on packed rows) must end with the same weights as an uninterrupted run of the
+same command on padded rows.
 
 The same command is then run again (with the hidden temporaries a kill inside an atomic write
 would leave placed first); the last test selects once more from a copy of that run.
@@ -128,7 +129,7 @@ def select_argv(data: str, tokenizer: str, out) -> list[str]:
     return ["--data", data, "--output", str(out), "--budget", "12", "--clusters", "4", "--num-workers", "2",
             "--seed", "3", "--set", f"text.tokenizer={tokenizer}", "--set", "proxy.epochs=2",
             "--set", f"proxy.num_points={T}", "--set", "proxy.batch_size=16", "--set", "proxy.workers.cpus=0.5",
-            "--set", "proxy.lr=0.003"]
+            "--set", "proxy.lr=0.003", "--set", "proxy.packed=true"]
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +243,8 @@ def test_train_worker_killed_mid_epoch_training_resumes_exactly(faults, ray_loca
     assert [ckpts[t]["start_step"] for t in range(T)] == [0] * (last + 1) + [steps[last]] * (T - 1 - last)
     assert steps[last] % (steps[-1] // 2) != 0 or last > 0  # resumed from a point inside an epoch
     check_trajectories(run)
-    # the resumed run continued with exactly the batches of an uninterrupted run of the same command
+    # the resumed run continued with exactly the batches of an uninterrupted run of the same command, whose rows
+    # are padded where the resumed run's were packed
     from safetensors.torch import load_file
 
     from s2l_ray import pipeline
@@ -252,7 +254,7 @@ def test_train_worker_killed_mid_epoch_training_resumes_exactly(faults, ray_loca
     sets = [v for k, v in zip(argv[::2], argv[1::2]) if k == "--set"]
     reference = tmp_path / "uninterrupted"
     cfg = load_config(None, {"corpus.path": flags["--data"], "output": str(reference), "proxy.workers.count": 2,
-                             **dict(kv.split("=", 1) for kv in sets)})
+                             **dict(kv.split("=", 1) for kv in sets), "proxy.packed": False})
     manifest = pipeline.select(replace(cfg, select=replace(cfg.select, budgets=[12]), seed=3,
                                        cluster=replace(cfg.cluster, k=4)))
     assert manifest["proxy"]["trained"]
@@ -263,7 +265,7 @@ def test_train_worker_killed_mid_epoch_training_resumes_exactly(faults, ray_loca
     for t in range(T):
         la = pq.read_table(run.done_points()[t]["files"], partitioning=None).column("loss").to_numpy()
         lb = pq.read_table(ref.done_points()[t]["files"], partitioning=None).column("loss").to_numpy()
-        np.testing.assert_allclose(la, lb, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(la, lb, rtol=0, atol=1e-5)
 
 
 def test_scoring_actor_killed_midway_loses_and_duplicates_nothing(faults):

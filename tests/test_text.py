@@ -139,3 +139,47 @@ def test_train_on_prompt_labels_every_token_after_the_first(demo_tok, smol):
                      max_length=512, train_on_prompt=True)
         ids = enc["input_ids"][0]
         assert enc["spans"] == [[1, len(ids)]] and enc["n_response"] == [len(ids) - 1]
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("model_name", ["gpt-neox", "smollm2"])
+def test_packed_rows_give_the_padded_loss_and_gradients(model_name, demo_small, smollm2_proxy, demo_tok, smol):
+    """A packed micro-batch (no padding, attention confined to each row by position_ids) has the padded batch's
+    loss and gradients (fp32, 1e-5): GPT-NeoX (the demo proxy) on the demo's rows, and the real SmolLM2 (Llama, cut
+    to 2 layers) on chat rows whose every assistant turn is labelled, with a plain row between them."""
+    import json
+
+    import torch
+
+    from s2l_ray.models import build_model, load_model
+    from s2l_ray.text import pack, training_batch
+
+    if model_name == "gpt-neox":
+        tok, model = demo_tok, build_model("tiny", demo_tok, 0, 256)
+        rows = [normalise(json.loads(line), CorpusConfig()) for line in open(demo_small["train"])][:6]
+        enc = encode(tok, [r["prompt"] for r in rows], [r["response"] for r in rows], [None] * len(rows),
+                     template=TEMPLATE, chat=None, max_length=256)
+    else:
+        tok, model = smol, load_model(smollm2_proxy)
+        chats = [CHAT, CHAT[1:3], CHAT[:1] + CHAT[3:]]
+        enc = encode(tok, ["", "What is 5-1?", ""], ["", "4", ""], [chats[0], None, chats[2]],
+                     template=TEMPLATE, chat=chat_template(tok, ""), max_length=256)
+        assert len(enc["spans"][0]) == 4  # two labelled assistant turns
+    model.float().train()
+    ids, spans = enc["input_ids"], enc["spans"]
+    packed = training_batch(ids, spans, tok.pad_token_id or 0, packed=True)
+    assert packed["input_ids"].shape == (1, sum(map(len, ids)))  # every token real
+    assert packed["position_ids"][0, :len(ids[0]) + 1].tolist() == list(range(len(ids[0]))) + [0]
+    loss_pad, grads_pad = _loss_and_grads(model, training_batch(ids, spans, tok.pad_token_id or 0, packed=False))
+    loss_pack, grads_pack = _loss_and_grads(model, packed)
+    assert abs(loss_pad - loss_pack) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(grads_pad, grads_pack)) < 1e-5
+    # the same rows packed in another order: the same loss (no row sees another)
+    assert abs(_loss_and_grads(model, pack(ids[::-1], [labels_from(x, s) for x, s in zip(ids[::-1], spans[::-1])]))[0]
+               - loss_pad) < 1e-5

@@ -95,7 +95,8 @@ def _autos(node: Any, prefix: str = "") -> list[str]:
 def config_key(cfg: FinetuneConfig) -> str:
     """What a checkpoint depends on besides the data: training fields, model and tokenizer."""
     fields = to_dict(cfg)
-    for perf in ("output", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "workers", "tracking"):
+    for perf in ("output", "checkpoint_every", "keep_checkpoints", "max_failures", "use_gpu", "workers", "tracking",
+                 "packed"):  # packed: the same losses
         fields.pop(perf, None)
     fields["num_workers"] = cfg.workers.count  # the global batch and each worker's rows depend on it
     fields["corpus"].pop("path")

@@ -109,7 +109,7 @@ def _steps(job: dict, resume: bool, cfg: FinetuneConfig, tracker) -> None:
 
     from .. import batches
     from ..models import build_model, load_model, load_tokenizer
-    from ..text import collate, labels_from
+    from ..text import training_batch
 
     plan = Plan(**job["plan"])
     torch.set_num_threads(max(1, int(cfg.workers.cpus)))
@@ -154,9 +154,9 @@ def _steps(job: dict, resume: bool, cfg: FinetuneConfig, tracker) -> None:
         for i, (ids, spans) in enumerate(micro, start=skip):
             if i >= used:
                 break
-            labels = [labels_from(x, sp) for x, sp in zip(ids, spans)]
-            b = {k: v.to(engine.device) for k, v in collate(ids, labels, tokenizer.pad_token_id).items()}
-            loss = engine(**b, use_cache=False).loss
+            b = {k: v.to(engine.device) for k, v in training_batch(ids, spans, tokenizer.pad_token_id,
+                                                                   cfg.packed).items()}
+            loss = engine(**b, use_cache=False).loss  # no cache: packed rows are told apart by position_ids
             engine.backward(loss)
             engine.step()
             acc += loss.item()
