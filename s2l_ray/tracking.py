@@ -98,15 +98,17 @@ class Tracker:
         if self.backend == "none":
             return
         with tempfile.TemporaryDirectory() as tmp:
-            os.makedirs(os.path.join(tmp, folder))
+            # W&B links to the files it is given: they are copied into its run's own folder, not a temporary one
+            root = self.client.dir if self.backend == "wandb" else tmp
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
             for path in paths:
-                local = os.path.join(tmp, folder, posixpath.basename(path))
+                local = os.path.join(root, folder, posixpath.basename(path))
                 with fs.open_input_stream(path) as src, open(local, "wb") as dst:
                     dst.write(src.read())
                 if self.backend == "mlflow":
                     self.client.log_artifact(local, artifact_path=folder)
                 else:
-                    self.client.save(local, base_path=tmp, policy="now")
+                    self.client.save(local, base_path=root, policy="now")
 
     def close(self, ok: bool) -> None:
         if self.backend == "mlflow":

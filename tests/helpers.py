@@ -208,6 +208,8 @@ def wandb_records(path) -> list:
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -219,8 +221,11 @@ def wandb_records(path) -> list:
 
 
 def wandb_history(path) -> list[dict]:
-    """Each ``log`` call of a W&B run file: ``{metric: value}``."""
+    """Each ``log`` call of a W&B run file: ``{metric: value}``, once the file holds the run's exit record (W&B's
+    service may still be writing it when ``finish()`` has returned)."""
     import json
 
+    wait_for(lambda: any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)), 60,
+             f"{path} to hold its exit record", interval=0.2)
     return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]

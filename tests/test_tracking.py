@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -36,23 +37,37 @@ def same_series(got: list[tuple[int, float]], expected: list[tuple[int, float]])
         [v for _, v in got] == pytest.approx([v for _, v in expected])
 
 
-def test_a_selection_run_is_tracked_in_mlflow(ray_local, demo_small, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    store = f"file://{tmp_path}/mlruns"
+@pytest.fixture(scope="module")
+def tracked_selection(ray_local, demo_small, tmp_path_factory):
+    """A small selection run tracked in MLflow's file store: (config, manifest, store URI)."""
+    root = tmp_path_factory.mktemp("tracked")
+    env = pytest.MonkeyPatch()
+    env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its file store without it (this module's)
+    store = f"file://{root}/mlruns"
     cfg = load_config(None, {
-        "output": str(tmp_path / "selection"), "corpus.path": demo_small["train"],
+        "output": str(root / "selection"), "corpus.path": demo_small["train"],
         "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8, "proxy.num_points": 2,
         "proxy.workers.count": 2, "proxy.workers.cpus": 0.5, "proxy.lr": 3e-3, "corpus.part_rows": 16,
         "cluster.k": 4, "select.budgets": [12], "tracking.backend": "mlflow", "tracking.uri": store,
         "tracking.project": "tests"})
-    manifest = pipeline.select(cfg)
-    run = RunDir(cfg.output)
-    client, tracked = mlflow_run(store, "tests", "selection")
-    assert tracked.info.status == "FINISHED" and tracked.data.params["proxy.lr"] == "0.003"
-    # the proxy's loss at every training step, as the checkpoint index records it point by point
+    yield cfg, pipeline.select(cfg), store
+    env.undo()
+
+
+def proxy_curve(run: RunDir) -> list[tuple[int, float]]:
+    """The proxy's loss at every training step, as the checkpoint index records it point by point."""
     expected = []
     for _, rec in sorted(run.proxy_checkpoints().items()):
         expected += list(zip(range(rec["step"] - len(rec["losses"]) + 1, rec["step"] + 1), rec["losses"]))
+    return expected
+
+
+def test_a_selection_run_is_tracked_in_mlflow(tracked_selection, tmp_path):
+    cfg, manifest, store = tracked_selection
+    run = RunDir(cfg.output)
+    client, tracked = mlflow_run(store, "tests", "selection")
+    assert tracked.info.status == "FINISHED" and tracked.data.params["proxy.lr"] == "0.003"
+    expected = proxy_curve(run)
     assert [s for s, _ in expected] == list(range(1, manifest["proxy"]["plan"]["total_steps"] + 1))
     assert same_series(history(client, tracked, "proxy/train_loss"), expected)
     assert same_series(history(client, tracked, "scoring/rows_per_second"),
@@ -72,6 +87,42 @@ def test_a_selection_run_is_tracked_in_mlflow(ray_local, demo_small, tmp_path, m
             "selection/report.html"} <= names
     local = client.download_artifacts(tracked.info.run_id, "selection/selected.jsonl", str(tmp_path))
     assert open(local, "rb").read() == open(run.selected_jsonl(), "rb").read()
+
+
+def test_a_selection_logged_to_wandb_offline_holds_the_same(tracked_selection, tmp_path, monkeypatch):
+    """``log_selection`` (what the selection job calls) into a W&B offline run: each metric on its own axis (W&B's
+    step only goes up), the files saved in the run."""
+    from s2l_ray import tracking
+    from s2l_ray.config import to_dict
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg, manifest, _ = tracked_selection
+    run = RunDir(cfg.output)
+    with tracking.tracked(TrackingConfig(backend="wandb", uri=str(tmp_path), project="tests"), "selection",
+                          to_dict(cfg)) as tracker:
+        tracking.log_selection(tracker, run)
+    (folder,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    logged = wandb_history(glob.glob(os.path.join(folder, "run-*.wandb"))[0])
+
+    def series(name: str, axis: str) -> list[tuple[int, float]]:
+        return [(h[axis], h[name]) for h in logged if name in h]
+
+    assert same_series(series("proxy/train_loss", "proxy/step"), proxy_curve(run))
+    assert same_series(series("scoring/rows_per_second", "proxy/step"),
+                       [(r["step"], r["rows"] / r["seconds"]) for r in manifest["proxy"]["scored"]])
+    sizes = sorted(manifest["clusters"]["cluster_sizes"])
+    assert series("clusters/size", "clusters/rank") == list(enumerate(sizes))
+    per_cluster = Counter(pq.read_table(run.selection(), columns=["cluster"]).column("cluster").to_pylist())
+    assert series("selection/12/selected_per_cluster", "selection/cluster") == [(c, per_cluster[c])
+                                                                              for c in range(len(sizes))]
+    flat = {k: v for h in logged for k, v in h.items()}
+    budget = manifest["selection"]["budgets"]["12"]
+    assert {s: flat[f"selection/12/source/{s}"] for s in budget["sources"]} == budget["sources"]
+    assert flat["cost/proxy_seconds"] == manifest["stages"]["proxy"]["seconds"]
+    saved = os.path.join(folder, "files", "selection")  # copies, not links to files that are gone
+    assert not any(os.path.islink(os.path.join(saved, f)) for f in os.listdir(saved))
+    assert open(os.path.join(saved, "selected.jsonl"), "rb").read() == open(run.selected_jsonl(), "rb").read()
+    assert {"manifest.json", "selection.parquet", "report.html"} <= set(os.listdir(saved))
 
 
 def test_fine_tuning_is_tracked_by_rank_0_in_wandb_and_evaluation_in_mlflow(ray_local, demo_small, tmp_path,
