@@ -252,7 +252,7 @@ def test_parquet_row_groups_and_arrow_shards_are_pieces(tmp_path, demo_small):
 def test_a_failed_call_stops_submission_and_waits_for_the_calls_in_flight(tmp_path):
     import ray
 
-    from s2l_ray.corpus import _map_in_order
+    from s2l_ray.corpus.executor import map_in_order
 
     def marked(i: int, folder: str) -> int:  # defined here so that Ray ships it by value
         """Marks its start, fails for call 1, and marks its end a second later otherwise."""
@@ -267,13 +267,13 @@ def test_a_failed_call_stops_submission_and_waits_for_the_calls_in_flight(tmp_pa
         return i
 
     task = ray.remote(marked).options(num_cpus=1, max_retries=0)
-    assert _map_in_order(task, [(i, str(tmp_path)) for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]) == [0, 2, 3, 4, 5, 6, 7,
+    assert map_in_order(task, [(i, str(tmp_path)) for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]) == [0, 2, 3, 4, 5, 6, 7,
                                                                                             8, 9]
     for f in tmp_path.iterdir():
         f.unlink()
     window = 2 * int(ray.cluster_resources()["CPU"])  # 4 on the tests' 2-CPU Ray
     with pytest.raises(ValueError, match="call 1 failed"):
-        _map_in_order(task, [(i, str(tmp_path)) for i in range(10)])
+        map_in_order(task, [(i, str(tmp_path)) for i in range(10)])
     started = sorted(int(f.name.split("-")[1]) for f in tmp_path.glob("start-*"))
     done = sorted(int(f.name.split("-")[1]) for f in tmp_path.glob("done-*"))
     assert started == list(range(window + 1))  # call 0 returned, so one more went in; none after the failure
