@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import tempfile
 import threading
 import time

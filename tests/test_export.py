@@ -17,7 +17,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from s2l_ray.config import ClusterConfig, CorpusConfig, SelectConfig, TextConfig, to_dict

@@ -155,8 +155,6 @@ def test_packed_rows_give_the_padded_loss_and_gradients(model_name, demo_small, 
     to 2 layers) on chat rows whose every assistant turn is labelled, with a plain row between them."""
     import json
 
-    import torch
-
     from s2l_ray.models import build_model, load_model
     from s2l_ray.text import pack, training_batch
 
