@@ -108,7 +108,10 @@ class ProxyConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    batch_size: int = 16  # per worker
+    batch_size: int = 16  # rows per worker and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # 0: no clipping
+    max_failures: int = 3  # worker-group restarts from the last trajectory point's checkpoint
     packed: bool = False  # rows of a batch concatenated without padding (same loss; text.pack), else right-padded
     num_points: int = 12  # T: trajectory points spread evenly over training
     # your own checkpoints instead of training a proxy (--checkpoints): model dirs, or a training output whose

@@ -204,8 +204,12 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
         key = stage_key(corpus["fingerprint"], inputs["losses"], "official losses")
     else:
         p = to_dict(cfg.proxy)
-        for perf in ("workers", "use_gpu", "precision", "packed"):  # precision: below; packed: the same losses
+        # precision: checked below; packed: the same losses; max_failures: restarts resume exactly
+        for perf in ("workers", "use_gpu", "precision", "packed", "max_failures"):
             p.pop(perf)
+        for later, default in (("grad_accum", 1), ("grad_clip", 1.0)):  # count when set: older runs keep their key
+            if p[later] == default:
+                p.pop(later)
         key = stage_key(corpus["fingerprint"], p, cfg.proxy.workers.count)  # the count fixes the training order
     rec = run.read_manifest().get("stages", {}).get("proxy")
     if rec and rec.get("key") != key:
@@ -404,13 +408,15 @@ def check_config(cfg: S2LConfig) -> methods.Method:
     if cfg.cluster.backend not in BACKENDS:
         raise ConfigError(f"cluster.backend must be one of {list(BACKENDS)}, not {cfg.cluster.backend!r}")
     tracking.check(cfg.tracking)
-    for name in ("proxy.num_points", "proxy.workers.count", "proxy.batch_size", "proxy.epochs", "cluster.k",
-                 "scoring.actors.count"):
+    for name in ("proxy.num_points", "proxy.workers.count", "proxy.batch_size", "proxy.grad_accum", "proxy.epochs",
+                 "cluster.k", "scoring.actors.count"):
         value = cfg
         for part in name.split("."):
             value = getattr(value, part)
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, not {value}")
+    if cfg.proxy.grad_clip < 0:
+        raise ConfigError(f"proxy.grad_clip must be 0 (no clipping) or more, not {cfg.proxy.grad_clip}")
     if cfg.proxy.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"proxy.schedule must be cosine, linear or constant, not {cfg.proxy.schedule!r}")
     cfg.proxy.workers.ray_resources(True, "proxy.workers")

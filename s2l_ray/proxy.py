@@ -13,7 +13,6 @@ Workers read the stored corpus from the object store in a fresh seeded permutati
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
 from .progress import Rate, log
 from .scoring import score_points
+from .training import Loop
 
 
 class ProxyError(ValueError):
@@ -53,11 +53,14 @@ class Plan:
 
 
 def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
-    """Steps per epoch (each worker gets an equal share of rows) and T evenly spaced points ending at the last step."""
-    per_worker = n_rows // cfg.workers.count
-    if per_worker == 0:
-        raise ProxyError(f"{n_rows} rows cannot be split over {cfg.workers.count} workers")
-    spe = math.ceil(per_worker / cfg.batch_size)
+    """Optimizer steps per epoch (each worker gets an equal share of rows; ``training.steps_per_epoch``) and T
+    evenly spaced points ending at the last step."""
+    from .training import steps_per_epoch
+
+    per_worker, _, spe = steps_per_epoch(n_rows, cfg.workers.count, cfg.batch_size, cfg.grad_accum)
+    if spe == 0:
+        raise ProxyError(f"{n_rows} rows make no optimizer step: each of the {cfg.workers.count} workers needs at "
+                         f"least grad_accum={cfg.grad_accum} batches of batch_size={cfg.batch_size} rows")
     total = spe * cfg.epochs
     if not 1 <= cfg.num_points <= total:
         raise ProxyError(f"proxy.num_points={cfg.num_points} must be between 1 and the {total} training steps")
@@ -84,13 +87,14 @@ def _save_checkpoint(model: torch.nn.Module, optimizer, scheduler, step: int, t:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker loop: the proxy fine-tuning run with T checkpoint reports."""
+    """Ray Train worker loop: the proxy fine-tuning run (``training.run``, plain PyTorch) with T checkpoint
+    reports."""
     import ray.train
     import ray.train.torch
     from transformers import get_scheduler
 
+    from . import training
     from .models import load_model
-    from .text import training_batch
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
@@ -118,44 +122,36 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     inner = model.module if hasattr(model, "module") else model
     amp = torch.bfloat16 if resolve_bf16(config["precision"], device.type == "cuda") else None
+    engine = training.TorchEngine(model, optimizer, scheduler, device, config["grad_accum"], config["grad_clip"], amp)
     points = {s: t for t, s in enumerate(config["point_steps"])}
-    spe, pad, data = config["steps_per_epoch"], config["pad_id"], config["data"]
-    rows = batches.Rows(data)
-    model.train()
     recent: list[float] = []
     started, compute = time.time(), 0.0
     rate = Rate(config["total_steps"] - start_step, "steps")
-    for epoch in range(step // spe, config["epochs"]):
-        positions = batches.epoch_positions(data.n, config["seed"], epoch, rank, world)
-        for ids, spans in batches.iterate(rows, positions, config["batch_size"], start=step - epoch * spe):
-            tick = time.perf_counter()
-            b = {k: v.to(device) for k, v in training_batch(ids, spans, pad, config["packed"]).items()}
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = model(**b, use_cache=False).loss  # no cache: packed rows are told apart by position_ids
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            recent.append(loss.item())
-            compute += time.perf_counter() - tick
-            if step in points:
-                t = points[step]
-                metrics = {"t": t, "step": step, "start_step": start_step, "epoch": epoch,
-                           "train_loss": float(np.mean(recent)), "losses": recent, "compute_seconds": round(compute, 3),
-                           "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
-                recent = []
-                if rank == 0:
-                    log(f"point {t + 1}/{len(points)} at step {step}/{config['total_steps']}, training loss "
-                        f"{metrics['train_loss']:.4f} ({rate.phrase(step - start_step)})", "proxy")
-                with tempfile.TemporaryDirectory() as tmp:
-                    if rank == 0:
-                        _save_checkpoint(inner, optimizer, scheduler, step, t, tmp)
-                        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                         checkpoint_dir_name=f"point-{t:03d}")
-                    else:
-                        ray.train.report(metrics)
+
+    def at_step(s: training.Step) -> None:
+        nonlocal recent, compute
+        recent.append(s.loss)
+        compute += s.compute_seconds
+        if s.step not in points:
+            return
+        t = points[s.step]
+        metrics = {"t": t, "step": s.step, "start_step": start_step, "epoch": s.epoch,
+                   "train_loss": float(np.mean(recent)), "losses": recent, "compute_seconds": round(compute, 3),
+                   "lr": engine.lr(), "seconds": round(time.time() - started, 2)}
+        recent = []
+        if rank == 0:
+            log(f"point {t + 1}/{len(points)} at step {s.step}/{config['total_steps']}, training loss "
+                f"{metrics['train_loss']:.4f} ({rate.phrase(s.step - start_step)})", "proxy")
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                _save_checkpoint(inner, optimizer, scheduler, s.step, t, tmp)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"point-{t:03d}")
+            else:
+                ray.train.report(metrics)
+
+    model.train()
+    training.run(engine, config["data"], config["loop"], rank, world, step, at_step)
 
 
 @ray.remote(num_cpus=0, max_concurrency=4, concurrency_groups={"gate": 2})
@@ -313,7 +309,7 @@ def _trajectory_callback(coordinator):
 
 
 def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dict, n_rows: int, pad_id: int,
-        max_failures: int = 3, target: RunDir | None = None) -> dict:
+        target: RunDir | None = None) -> dict:
     """Train the proxy and score every trajectory point not yet done, for the corpus and for the stored ``target``
     examples when given (from the saved checkpoints, training nothing, where only they lack a point); returns
     stage statistics: ``reused_points`` are the corpus's."""
@@ -347,7 +343,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
                 ray.get(coordinator.score.remote(t, ckpts[t]["step"], Checkpoint(ckpts[t]["path"], run.fs)))
         if train:
             started = time.time()
-            _fit(run, proxy, plan, model_spec, pad_id, resources, use_gpu, max_failures, coordinator,
+            _fit(run, proxy, plan, model_spec, pad_id, resources, use_gpu, coordinator,
                  resume=Checkpoint(ckpts[last]["path"], run.fs) if last is not None else None)
             stats.update(trained=True, resumed_from=last, train_seconds=round(time.time() - started, 2),
                          train_compute_seconds=train_compute(run.proxy_checkpoints()))
@@ -359,7 +355,7 @@ def run(run: RunDir, proxy: ProxyConfig, scoring: ScoringConfig, model_spec: dic
 
 
 def _fit(run: RunDir, proxy: ProxyConfig, plan: Plan, model_spec: dict, pad_id: int, resources: dict, use_gpu: bool,
-         max_failures: int, coordinator, resume: Checkpoint | None) -> None:
+         coordinator, resume: Checkpoint | None) -> None:
     """The Ray Train run: from ``resume`` (or the start) to the last point, each checkpoint handed to ``coordinator``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -369,10 +365,11 @@ def _fit(run: RunDir, proxy: ProxyConfig, plan: Plan, model_spec: dict, pad_id: 
     config = {
         "model": model_spec, "lr": proxy.lr, "weight_decay": proxy.weight_decay, "schedule": proxy.schedule,
         "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
-        "steps_per_epoch": plan.steps_per_epoch, "point_steps": list(plan.point_steps),
-        "batch_size": proxy.batch_size, "epochs": proxy.epochs, "seed": proxy.seed, "precision": proxy.precision,
-        "threads": max(1, int(proxy.workers.cpus)), "pad_id": pad_id, "resume": resume, "data": data,
-        "packed": proxy.packed,
+        "point_steps": list(plan.point_steps), "seed": proxy.seed, "precision": proxy.precision,
+        "threads": max(1, int(proxy.workers.cpus)), "resume": resume, "data": data,
+        "grad_accum": proxy.grad_accum, "grad_clip": proxy.grad_clip,
+        "loop": Loop(epochs=proxy.epochs, steps_per_epoch=plan.steps_per_epoch, micro_batch_size=proxy.batch_size,
+                     seed=proxy.seed, pad_id=pad_id, grad_accum=proxy.grad_accum, packed=proxy.packed),
     }
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
@@ -384,7 +381,7 @@ def _fit(run: RunDir, proxy: ProxyConfig, plan: Plan, model_spec: dict, pad_id: 
             name=f"proxy-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=run.proxy_dir,
             storage_filesystem=run.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=None),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=proxy.max_failures),
             callbacks=[_trajectory_callback(coordinator)]))
     try:
         trainer.fit()

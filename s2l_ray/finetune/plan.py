@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from ..config import ConfigError, FinetuneConfig, to_dict
 from ..layout import stage_key
 from ..models import resolve_bf16
+from ..training import steps_per_epoch
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # The keys of the DeepSpeed JSON that FinetuneConfig owns: "auto" (or absent) is filled in; an
@@ -39,9 +39,7 @@ def make_plan(rows: int, cfg: FinetuneConfig) -> Plan:
     """Each worker gets ``rows // num_workers`` rows; trailing micro-batches that do not fill a step are skipped."""
     if min(cfg.workers.count, cfg.micro_batch_size, cfg.grad_accum, cfg.epochs, cfg.length_window) < 1:
         raise ConfigError("workers.count, micro_batch_size, grad_accum, epochs and length_window must all be at least 1")
-    per_worker = rows // cfg.workers.count
-    micro = math.ceil(per_worker / cfg.micro_batch_size)
-    spe = micro // cfg.grad_accum
+    per_worker, micro, spe = steps_per_epoch(rows, cfg.workers.count, cfg.micro_batch_size, cfg.grad_accum)
     if spe == 0:
         raise FinetuneError(
             f"{rows} training rows make no optimizer step: each of the {cfg.workers.count} workers needs at least "

@@ -1,6 +1,7 @@
 """The Ray Train worker side of fine-tuning: DeepSpeed ZeRO training of each run in the worker group."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -27,6 +28,7 @@ def train_loop(loop: dict) -> None:
     for job in loop["jobs"]:
         if not written(RunDir(job["output"]), job["plan"]):
             _train(job, resume=len(loop["jobs"]) == 1)
+            gc.collect()  # the run's DeepSpeed engine (it holds reference cycles) before the next run's
 
 
 def gathered_state_dict(module: torch.nn.Module, zero_stage: int, rank: int) -> dict | None:
@@ -101,15 +103,12 @@ def _steps(job: dict, resume: bool, cfg: FinetuneConfig, tracker) -> None:
     """The DeepSpeed training steps of one run on this worker's share of its rows (``batches``: a fresh seeded
     permutation each epoch; a resumed run continues at the micro-batch where its checkpoint was); each step's loss
     and learning rate go to ``tracker``."""
-    import gc
-
     import deepspeed
     import ray.train
     from transformers import get_scheduler
 
-    from .. import batches
+    from .. import training
     from ..models import build_model, load_model, load_tokenizer
-    from ..text import training_batch
 
     plan = Plan(**job["plan"])
     torch.set_num_threads(max(1, int(cfg.workers.cpus)))
@@ -117,7 +116,6 @@ def _steps(job: dict, resume: bool, cfg: FinetuneConfig, tracker) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     started = time.time()
-    rows = batches.Rows(job["data"])
     tokenizer = load_tokenizer(cfg.text.tokenizer)
     model = load_model(cfg.model) if cfg.model else build_model(cfg.preset, tokenizer, cfg.seed, cfg.text.max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -141,46 +139,28 @@ def _steps(job: dict, resume: bool, cfg: FinetuneConfig, tracker) -> None:
     if rank == 0:
         log(f"{cfg.output}: starting at step {step}/{plan.total_steps} (ZeRO-{cfg.zero_stage}, "
             f"{plan.num_workers} workers)", "finetune")
-    spe, gas = plan.steps_per_epoch, cfg.grad_accum
     rate, first, said = Rate(plan.total_steps - step, "steps"), step, time.time()
+    ds = training.DeepSpeedEngine(engine)
+
+    def at_step(s: training.Step) -> None:
+        nonlocal said
+        history.append({"step": s.step, "epoch": s.epoch, "loss": _mean_over_ranks(s.loss, ds.device),
+                        "lr": ds.lr(),  # and the step's compute seconds, mean over ranks
+                        "compute": round(_mean_over_ranks(s.compute_seconds, ds.device), 4)})
+        tracker.metrics({"finetune/loss": history[-1]["loss"], "finetune/lr": history[-1]["lr"]}, step=s.step)
+        if rank == 0 and (s.step == plan.total_steps or time.time() - said >= PROGRESS_SECONDS):
+            said = time.time()
+            log(f"step {s.step}/{plan.total_steps}, epoch {s.epoch}, loss {history[-1]['loss']:.4f}, lr "
+                f"{history[-1]['lr']:.2e} ({rate.phrase(s.step - first)})", "finetune")
+        state = {"step": s.step, "plan": job["plan"], "log": history}
+        if s.step == plan.total_steps:
+            _export(ds.engine, tokenizer, rank, cfg.zero_stage, state | {"seconds": round(time.time() - started, 2)},
+                    job["output"])
+        elif resume and cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0:
+            _checkpoint(ds.engine, rank, state)
+
     engine.train()
-    for epoch in range(step // spe, cfg.epochs):
-        skip, used = (step - epoch * spe) * gas, spe * gas
-        acc = 0.0
-        positions = batches.epoch_positions(job["data"].n, cfg.seed, epoch, rank, world)
-        micro = batches.iterate(rows, positions, cfg.micro_batch_size, start=skip, windows=cfg.length_window,
-                                group_seed=(cfg.seed, epoch, rank))
-        tick = time.perf_counter()
-        for i, (ids, spans) in enumerate(micro, start=skip):
-            if i >= used:
-                break
-            b = {k: v.to(engine.device) for k, v in training_batch(ids, spans, tokenizer.pad_token_id,
-                                                                   cfg.packed).items()}
-            loss = engine(**b, use_cache=False).loss  # no cache: packed rows are told apart by position_ids
-            engine.backward(loss)
-            engine.step()
-            acc += loss.item()
-            if (i + 1) % gas:
-                continue
-            step += 1
-            history.append({"step": step, "epoch": epoch, "loss": _mean_over_ranks(acc / gas, engine.device),
-                            "lr": engine.get_lr()[0],  # and the step's compute seconds, mean over ranks
-                            "compute": round(_mean_over_ranks(time.perf_counter() - tick, engine.device), 4)})
-            acc = 0.0
-            tracker.metrics({"finetune/loss": history[-1]["loss"], "finetune/lr": history[-1]["lr"]}, step=step)
-            if rank == 0 and (step == plan.total_steps or time.time() - said >= PROGRESS_SECONDS):
-                said = time.time()
-                log(f"step {step}/{plan.total_steps}, epoch {epoch}, loss {history[-1]['loss']:.4f}, lr "
-                    f"{history[-1]['lr']:.2e} ({rate.phrase(step - first)})", "finetune")
-            state = {"step": step, "plan": job["plan"], "log": history}
-            if step == plan.total_steps:
-                _export(engine, tokenizer, rank, cfg.zero_stage, state | {"seconds": round(time.time() - started, 2)},
-                        job["output"])
-            elif resume and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                _checkpoint(engine, rank, state)
-            tick = time.perf_counter()
-        if step != (epoch + 1) * spe:
-            raise FinetuneError(f"rank {rank} ended epoch {epoch} at step {step}, not at the planned "
-                                f"{(epoch + 1) * spe} ({plan.rows_per_worker} rows per worker)")
-    del engine, model, optimizer
-    gc.collect()
+    training.run(ds, job["data"], training.Loop(
+        epochs=cfg.epochs, steps_per_epoch=plan.steps_per_epoch, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
+        pad_id=tokenizer.pad_token_id, grad_accum=cfg.grad_accum, length_window=cfg.length_window,
+        packed=cfg.packed), rank, world, step, at_step)
