@@ -1,6 +1,7 @@
 """The proxy stage: Ray Train fine-tunes the small model; each trajectory point is scored as it lands.
 
-Training reports a checkpoint at T steps spread evenly over training. A Ray Train callback
+Training (``training.run``, plain PyTorch) reports a checkpoint at T steps spread evenly over training, uploaded
+in the background while the next steps train. A Ray Train callback
 (run in the Train controller) hands each persisted checkpoint to a scoring coordinator actor,
 whose one Ray Data scoring job (``scoring.score_points``) scores the points one after another
 while training goes on, its actors started once for the whole run. A rerun into the same run
@@ -91,6 +92,7 @@ def train_loop(config: dict) -> None:
     reports."""
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
     from transformers import get_scheduler
 
     from . import training
@@ -142,13 +144,14 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             log(f"point {t + 1}/{len(points)} at step {s.step}/{config['total_steps']}, training loss "
                 f"{metrics['train_loss']:.4f} ({rate.phrase(s.step - start_step)})", "proxy")
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                _save_checkpoint(inner, optimizer, scheduler, s.step, t, tmp)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"point-{t:03d}")
-            else:
-                ray.train.report(metrics)
+        # uploaded in the background while training goes on (Ray removes the folder once it is stored)
+        checkpoint = None
+        if rank == 0:
+            tmp = tempfile.mkdtemp(prefix="s2l-proxy-point-")
+            _save_checkpoint(inner, optimizer, scheduler, s.step, t, tmp)
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"point-{t:03d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     model.train()
     training.run(engine, config["data"], config["loop"], rank, world, step, at_step)

@@ -19,7 +19,8 @@ def _select(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedPro
 
 
 def _select_here(args: list[str], capsys) -> tuple[int, str]:
-    """``jobs/select.py``'s own main in this process, on the session's Ray: (exit status, stderr)."""
+    """``jobs/select.py``'s own main in this process, on the session's Ray: (exit status, stderr). The refusals
+    below run here (a subprocess only adds Python's and the libraries' start-up); ``_select`` runs the command."""
     capsys.readouterr()
     rc = select_job().main(args)
     return rc, capsys.readouterr().err
@@ -33,13 +34,13 @@ def _select_here(args: list[str], capsys) -> tuple[int, str]:
     ("missing.jsonl", ["--proxy-model", "/nonexistent/model"], r"corpus path does not exist"),
     ("good.jsonl", ["--set", "text.tokenizer=/nonexistent/tokenizer"], r"tokenizer directory does not exist"),
 ])
-def test_bad_input_gives_one_error_line_whatever_else_is_given(tmp_path, data, extra, message):
+def test_bad_input_gives_one_error_line_whatever_else_is_given(ray_local, tmp_path, data, extra, message, capsys):
     """Data errors are reported first, before any model or tokenizer error, with or without them."""
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"\n')
     (tmp_path / "good.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
-    proc = _select(["--data", str(tmp_path / data), "--output", str(tmp_path / "r"), *extra], tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    rc, stderr = _select_here(["--data", str(tmp_path / data), "--output", str(tmp_path / "r"), *extra], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and re.search(message, errors[0]), stderr[-2000:]
 
 
 def test_unknown_config_key_is_refused(tmp_path):
@@ -99,12 +100,14 @@ def test_no_argument_is_the_built_in_demo(tmp_path):
      r"select\.embedding_rank must be one of \['nearest', 'mean'\]"),
     (["--method", "s2l-target", "--target", "bad.jsonl"], r"bad\.jsonl:2: malformed JSON"),
 ])
-def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
+def test_target_settings_are_refused_before_any_work(ray_local, tmp_path, extra, message, capsys, monkeypatch):
     (tmp_path / "good.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"\n')
-    proc = _select(["--data", str(tmp_path / "good.jsonl"), "--output", str(tmp_path / "r"), *extra], tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # the relative --target paths
+    rc, stderr = _select_here(["--data", str(tmp_path / "good.jsonl"), "--output", str(tmp_path / "r"), *extra],
+                              capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and re.search(message, errors[0]), stderr[-2000:]
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
@@ -113,6 +116,8 @@ def test_target_settings_are_refused_before_any_work(tmp_path, extra, message):
     (["--set", "text.template=Question: answer this"], r"text\.template must contain \{prompt\}"),
     (["--num-workers", "0"], r"proxy\.workers\.count must be at least 1, not 0"),
     (["--set", "proxy.schedule=step"], r"proxy\.schedule must be cosine, linear or constant, not 'step'"),
+    (["--set", "proxy.grad_clip=-1"], r"proxy\.grad_clip must be 0 \(no clipping\) or more, not -1"),
+    (["--set", "proxy.grad_accum=0"], r"proxy\.grad_accum must be at least 1, not 0"),
     (["--set", "tracking.backend=neptune"], r"tracking\.backend must be one of \['none', 'mlflow', 'wandb'\]"),
     (["--set", "proxy.workers.resources=spot"], r"proxy\.workers\.resources"),
     (["--set", "proxy.use_gpu=true", "--set", "proxy.workers.gpus=0.5"],
