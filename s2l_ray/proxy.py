@@ -32,7 +32,7 @@ from .layout import RunDir
 from .models import resolve_bf16, resolve_gpu
 from .progress import Rate, log
 from .scoring import score_points
-from .training import Loop
+from .training import Loop, steps_per_epoch
 
 
 class ProxyError(ValueError):
@@ -56,8 +56,6 @@ class Plan:
 def make_plan(n_rows: int, cfg: ProxyConfig) -> Plan:
     """Optimizer steps per epoch (each worker gets an equal share of rows; ``training.steps_per_epoch``) and T
     evenly spaced points ending at the last step."""
-    from .training import steps_per_epoch
-
     per_worker, _, spe = steps_per_epoch(n_rows, cfg.workers.count, cfg.batch_size, cfg.grad_accum)
     if spe == 0:
         raise ProxyError(f"{n_rows} rows make no optimizer step: each of the {cfg.workers.count} workers needs at "
@@ -124,7 +122,8 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     inner = model.module if hasattr(model, "module") else model
     amp = torch.bfloat16 if resolve_bf16(config["precision"], device.type == "cuda") else None
-    engine = training.TorchEngine(model, optimizer, scheduler, device, config["grad_accum"], config["grad_clip"], amp)
+    engine = training.TorchEngine(model, optimizer, scheduler, device, config["loop"].grad_accum, config["grad_clip"],
+                                  amp)
     points = {s: t for t, s in enumerate(config["point_steps"])}
     recent: list[float] = []
     started, compute = time.time(), 0.0
@@ -370,7 +369,7 @@ def _fit(run: RunDir, proxy: ProxyConfig, plan: Plan, model_spec: dict, pad_id: 
         "warmup_steps": int(proxy.warmup_ratio * plan.total_steps), "total_steps": plan.total_steps,
         "point_steps": list(plan.point_steps), "seed": proxy.seed, "precision": proxy.precision,
         "threads": max(1, int(proxy.workers.cpus)), "resume": resume, "data": data,
-        "grad_accum": proxy.grad_accum, "grad_clip": proxy.grad_clip,
+        "grad_clip": proxy.grad_clip,
         "loop": Loop(epochs=proxy.epochs, steps_per_epoch=plan.steps_per_epoch, micro_batch_size=proxy.batch_size,
                      seed=proxy.seed, pad_id=pad_id, grad_accum=proxy.grad_accum, packed=proxy.packed),
     }
