@@ -188,9 +188,9 @@ def log_benchmark(tracker: Tracker, results: dict, out: RunDir) -> None:
         for name, e in row["evals"].items():
             tracker.metrics({f"benchmark/{name}/{row['method']}/{row['budget']}/{k}": e[k]
                              for k in ("accuracy", "accuracy_std", "loss", "loss_std")})
-    for c in results["comparisons"]:
-        tracker.metrics({f"comparison/{c['eval']}/{c['method']}/{c['metric']}/{k}": c[k]
-                         for k in ("mean", "low", "high")})
+    for c in results["comparisons"]:  # one series per method, budget and baseline: none overwrites another
+        tracker.metrics({f"comparison/{c['eval']}/{c['method']}/{c['budget']}/vs {c['baseline']}/{c['metric']}/{k}":
+                         c[k] for k in ("mean", "low", "high")})
     cost = results["cost"]
     unit = cost["unit"].replace("-", "_")
     tracker.metrics({f"cost/selection/{k}/{unit}": v for k, v in cost["selection"].items()}

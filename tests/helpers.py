@@ -20,14 +20,23 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+# -- runs ----------------------------------------------------------------------------------------
+
+def small_selection(demo_small, output, **extra) -> dict:
+    """The settings of a small selection on the demo (3 points, 2 Train workers, 8 corpus parts of 8 rows)."""
+    return {"output": str(output), "corpus.path": demo_small["train"], "text.tokenizer": demo_small["tokenizer"],
+            "proxy.epochs": 1, "proxy.batch_size": 8, "proxy.num_points": 3, "proxy.workers.count": 2,
+            "proxy.workers.cpus": 0.5, "proxy.lr": 3e-3, "corpus.part_rows": 8, **extra}
+
+
 # -- processes ----------------------------------------------------------------------------------
 
-def select_job():
-    """``jobs/select.py`` as a module, to call its ``main(argv)`` in this process (on the session's Ray)."""
+def job(name: str):
+    """``jobs/<name>.py`` as a module, to call its ``main(argv)`` in this process (on the session's Ray, if any)."""
     import importlib.util
 
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("s2l_select_job", repo / "jobs" / "select.py")
+    spec = importlib.util.spec_from_file_location(f"s2l_{name}_job", repo / "jobs" / f"{name}.py")
     job = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(repo / "jobs"))  # for its `import _path`, which takes jobs/ off sys.path again
     spec.loader.exec_module(job)
@@ -88,8 +97,9 @@ def session_pids(sid: int) -> list[int]:
     return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid and int(p) != sid]
 
 
-def stop_session(sid: int, grace: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, to the processes of session ``sid`` only."""
+def stop_session(sid: int, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to the processes of session ``sid`` only (a test's cluster:
+    nothing in it is kept, so Ray's agents are not given their own shutdown time)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in session_pids(sid):
             with contextlib.suppress(ProcessLookupError):
@@ -97,6 +107,46 @@ def stop_session(sid: int, grace: float = 20.0) -> None:
         deadline = time.time() + grace
         while session_pids(sid) and time.time() < deadline:
             time.sleep(0.5)
+
+
+# -- a Hugging Face cache, offline ------------------------------------------------------------------
+
+HUB_MAIN, HUB_PINNED = "a" * 40, "b" * 40  # the two snapshots' commit hashes
+
+
+def hub_snapshot(cache: Path, kind: str, repo: str, revision: str, files: Path, main: bool) -> Path:
+    """The Hub cache's own layout: file contents in ``blobs/``, the snapshot's files symlinks to them."""
+    import hashlib
+
+    root = cache / f"{kind}--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / revision
+    for f in sorted(p for p in files.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / f.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if main:
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(revision)
+    return snap
+
+
+def select_offline(cache: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``jobs/select.py`` with ``HF_HUB_OFFLINE=1`` on the Hub cache ``cache``, in a local Ray of its own."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent / "hf-home")}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "select.py"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+# A target-aware selection of chat rows with the SmolLM2 cut as the proxy, 2 Train workers
+CHAT_SELECTION = ["--method", "s2l-target", "--budget", "8", "--clusters", "3", "--num-workers", "2",
+                  "--set", "proxy.workers.cpus=0.5", "--set", "proxy.epochs=1", "--set", "proxy.num_points=2",
+                  "--set", "proxy.batch_size=4", "--set", "proxy.lr=1e-4", "--set", "corpus.part_rows=8",
+                  "--set", "text.max_length=384"]
 
 
 # -- S3 ------------------------------------------------------------------------------------------

@@ -192,12 +192,10 @@ def test_a_local_output_is_refused_before_work_starts(cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def tuned(cluster, selected):
-    """ZeRO-3 uninterrupted; ZeRO-2 with checkpoints, one of its workers killed once a checkpoint is in the
-    bucket (frozen with SIGSTOP first, to check that the export has not happened yet)."""
-    _, env, fs, node2, *_ = cluster
-    proc3 = submit(cluster, finetune_args("target3", 3))
-    assert proc3.returncode == 0, (proc3.stdout + proc3.stderr)[-4000:]
-    address = cluster[0]
+    """ZeRO-2 with checkpoints, one of its workers killed once a checkpoint is in the bucket (frozen with SIGSTOP
+    first, to check that the export has not happened yet): its record. (That a resumed run equals an uninterrupted
+    one is tests/test_finetune.py's; here it resumes from what the bucket holds.)"""
+    address, env, fs, node2, *_ = cluster
     job = f"s2l-{uuid.uuid4().hex[:8]}"
     since = time.time()
     submitted = subprocess.Popen([RAY, "job", "submit", f"--address={address}", f"--submission-id={job}",
@@ -225,24 +223,20 @@ def tuned(cluster, selected):
     os.kill(workers[1], signal.SIGCONT)
     output, _ = submitted.communicate(timeout=900)
     assert submitted.returncode == 0, output[-4000:]
-    runs = {z: json.loads(fs.open_input_stream(f"{BUCKET}/target{z}/finetune.json").read()) for z in (2, 3)}
-    assert len(runs[2]["attempts"]) == 2, f"killed {workers[0]} ({killed}); no restart:\n{output[-6000:]}"
-    return runs
+    record = json.loads(fs.open_input_stream(f"{BUCKET}/target2/finetune.json").read())
+    assert len(record["attempts"]) == 2, f"killed {workers[0]} ({killed}); no restart:\n{output[-6000:]}"
+    return record
 
 
 def test_fine_tuning_on_the_second_node_exports_to_the_bucket_and_resumes_from_it(cluster, tuned):
     fs = cluster[2]
-    for z, record in tuned.items():
-        objects = keys(fs, f"{BUCKET}/target{z}")
-        assert record["status"] == "done" and record["model"] == s3(f"target{z}/model")
-        for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "trainer_state.json",
-                     "finetune.json", "corpus/part-00000.parquet"):
-            assert objects.get(name, 0) > 0, f"target{z}: {name} missing: {sorted(objects)}"
-    zero2 = tuned[2]
-    assert len(zero2["attempts"]) == 2 and zero2["attempts"][0] == 0 and zero2["attempts"][1] > 0
-    assert [e["step"] for e in zero2["log"] if "loss" in e] == list(range(1, zero2["plan"]["total_steps"] + 1))
-    l2, l3 = ([e["loss"] for e in r["log"] if "loss" in e] for r in (zero2, tuned[3]))
-    assert max(abs(a - b) for a, b in zip(l2, l3)) < 1e-3  # resumed exactly: the same run as the uninterrupted one
+    objects = keys(fs, f"{BUCKET}/target2")
+    assert tuned["status"] == "done" and tuned["model"] == s3("target2/model")
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "trainer_state.json",
+                 "finetune.json", "corpus/part-00000.parquet"):
+        assert objects.get(name, 0) > 0, f"{name} missing: {sorted(objects)}"
+    assert tuned["attempts"][0] == 0 and tuned["attempts"][1] > 0  # the second from the bucket's checkpoint
+    assert [e["step"] for e in tuned["log"] if "loss" in e] == list(range(1, tuned["plan"]["total_steps"] + 1))
     assert_nothing_local(cluster)
 
 

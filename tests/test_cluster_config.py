@@ -219,21 +219,21 @@ def test_paper_jobs_fit_the_gpu_workers(name):
 
 
 @pytest.mark.parametrize("job,config,expected", [
-    ("select.py", "paper_mathinstruct.yaml", ["corpus:   s3://my-bucket/mathinstruct/", "12 points, 8 workers",
+    ("select", "paper_mathinstruct.yaml", ["corpus:   s3://my-bucket/mathinstruct/", "12 points, 8 workers",
                                               "k=100 per source, backend auto"]),
-    ("finetune.py", "finetune_paper_phi2.yaml", ["-> s3://my-bucket/s2l-runs/mathinstruct-phi2", "ZeRO-3",
+    ("finetune", "finetune_paper_phi2.yaml", ["-> s3://my-bucket/s2l-runs/mathinstruct-phi2", "ZeRO-3",
                                                  "batch 128 (4 x 4 accumulated x 8), bf16"]),
-    ("benchmark.py", "benchmark_gpu.yaml", ["= 57 targets -> s3://my-bucket/s2l-runs/benchmark-gpu", "ZeRO-2"]),
+    ("benchmark", "benchmark_gpu.yaml", ["= 57 targets -> s3://my-bucket/s2l-runs/benchmark-gpu", "ZeRO-2"]),
 ])
-def test_cloud_configs_pass_a_dry_run_of_their_stage(job, config, expected):
-    """The cloud configs as a user runs them (`--dry-run`: the stage's checks without data, models or Ray)."""
-    import subprocess
-    import sys
+def test_cloud_configs_pass_a_dry_run_of_their_stage(job, config, expected, capsys):
+    """The cloud configs as a user runs them (`--dry-run`: the stage's checks without data, models or Ray), through
+    the job's own main."""
+    from helpers import job as job_module
 
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--config", str(ROOT / "configs" / config),
-                           "--dry-run"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all(e in proc.stdout for e in expected), proc.stdout
+    rc = job_module(job).main(["--config", str(ROOT / "configs" / config), "--dry-run"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    assert all(e in out.out for e in expected), out.out
 
 
 @pytest.mark.parametrize("config", ["paper_mathinstruct.yaml", "finetune_paper_phi2.yaml", "benchmark_gpu.yaml"])

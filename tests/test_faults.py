@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import descendants, running, select_job, title, wait_for
+from helpers import descendants, job, running, title, wait_for
 from s2l_ray.layout import TRAJECTORY_SCHEMA, RunDir, _temporary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,12 +337,12 @@ def test_same_seed_and_inputs_select_the_same_rows(faults, ray_local, tmp_path):
     for key in ("clusters", "selection"):
         manifest["stages"].pop(key, None)
     Path(run_b.manifest).write_text(json.dumps(manifest))
-    job = select_job()  # jobs/select.py's own main, in this process, with the same arguments
+    select = job("select")  # jobs/select.py's own main, in this process, with the same arguments
     argv_b = list(argv)
     argv_b[argv_b.index("--output") + 1] = str(out_b)
     scored = {str(f): os.path.getmtime(f) for f in out_b.glob("trajectories/checkpoint=*/*.parquet")}
     assert len(scored) == T * len(run_b.corpus_files())
-    assert job.main(argv_b) == 0
+    assert select.main(argv_b) == 0
     # every point reused: nothing trained or scored again, the record of how they were made kept
     assert run_b.read_manifest()["proxy"] == manifest["proxy"]
     assert {f: os.path.getmtime(f) for f in scored} == scored

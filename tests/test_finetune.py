@@ -2,9 +2,10 @@
 
 One ZeRO-2 run of packed rows is started as the real job (``jobs/finetune.py``) in a subprocess,
 killed with SIGKILL once its first checkpoint is recorded, and rerun to completion; one ZeRO-3 run
-of padded rows with the optimizer offloaded to CPU goes uninterrupted in-process. Both must lower the loss and export a loadable model, the rerun must
-start at the recorded checkpoint's step, and since the data order is deterministic the
-resumed ZeRO-2 model must equal the uninterrupted ZeRO-3 one. A sweep (two runs in one worker
+of padded rows with the optimizer offloaded to CPU goes uninterrupted in-process (every run with a prompt
+template of its own, which evaluating the ZeRO-3 output must use). Both must lower the loss and export a
+loadable model, the rerun must start at the recorded checkpoint's step, and since the data order is
+deterministic the resumed ZeRO-2 model must equal the uninterrupted ZeRO-3 one. A sweep (two runs in one worker
 group) must train its first run exactly as the ZeRO-3 run alone, and is reused run by run.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from s2l_ray.layout import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = dict(preset="tiny", epochs=3, lr=1e-3, micro_batch_size=4, checkpoint_every=4, seed=0)  # 24 steps on 60 rows
+TEMPLATE = "### Problem\n{prompt}\n### Solution\n"  # every run's own prompt format, not the default
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def selection(demo_small, tmp_path_factory):
 
 def _cfg(selection: str, tokenizer: str, output: str, **kw) -> FinetuneConfig:
     return FinetuneConfig(output=output, corpus=CorpusConfig(path=selection),
-                          text=TextConfig(tokenizer=tokenizer, max_length=256), **{**TRAIN, **kw})
+                          text=TextConfig(tokenizer=tokenizer, max_length=256, template=TEMPLATE), **{**TRAIN, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,8 @@ def resumed(ray_local, selection, demo_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2")
     log = out.parent / f"{out.name}.log"
     config = out.parent / f"{out.name}.yaml"
-    config.write_text(yaml.safe_dump({**TRAIN, "text": {"tokenizer": demo_small["tokenizer"], "max_length": 256}}))
+    config.write_text(yaml.safe_dump({**TRAIN, "text": {"tokenizer": demo_small["tokenizer"], "max_length": 256,
+                                                        "template": TEMPLATE}}))
     args = ["--config", str(config), "--data", selection, "--output", str(out), "--zero-stage", "2",
             "--num-workers", "2", "--set", "packed=true"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -200,9 +203,9 @@ def test_training_lowers_loss_and_exports_a_loadable_model(run, request, demo_sm
     tok = AutoTokenizer.from_pretrained(summary["model"])
     rows = [normalise(json.loads(line), CorpusConfig()) for line in open(demo_small["train"])][:16]
     fresh = build_model("tiny", load_tokenizer(demo_small["tokenizer"]), seed=0, max_length=256).eval()
-    text = TextConfig(max_length=256)
+    text = TextConfig(max_length=256, template=TEMPLATE)
     assert reference_losses(model.eval(), tok, rows, text).mean() < reference_losses(fresh, tok, rows, text).mean() - 0.3
-    ids = tok("Question: Find the GCD of 12 and 18.\nAnswer: ", return_tensors="pt", add_special_tokens=False)
+    ids = tok(TEMPLATE.format(prompt="Find the GCD of 12 and 18."), return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
 
@@ -278,7 +281,7 @@ def test_a_sweep_is_reused_run_by_run(sweep):
 
 
 @pytest.mark.slow
-def test_evaluation_prompts_a_fine_tuned_model_as_it_was_trained(ray_local, selection, demo_small, tmp_path):
+def test_evaluation_prompts_a_fine_tuned_model_as_it_was_trained(ray_local, zero3, demo_small, tmp_path):
     """A model fine-tuned with its own template is evaluated through that template (recorded in finetune.json):
     each row's evaluation loss is the model's loss on the row rendered that way; an explicit template wins."""
     import math
@@ -290,15 +293,12 @@ def test_evaluation_prompts_a_fine_tuned_model_as_it_was_trained(ray_local, sele
     from s2l_ray.corpus import normalise
     from s2l_ray.scoring import reference_losses
 
-    template = "### Problem\n{prompt}\n### Solution\n"
-    cfg = _cfg(selection, demo_small["tokenizer"], str(tmp_path / "ft"), zero_stage=2, checkpoint_every=0, epochs=1)
-    summary = finetune.run(replace(cfg, text=replace(cfg.text, template=template)))
-    model = AutoModelForCausalLM.from_pretrained(summary["model"]).eval()
-    tok = AutoTokenizer.from_pretrained(summary["model"])
+    model = AutoModelForCausalLM.from_pretrained(zero3["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(zero3["model"])
     rows = [normalise(json.loads(line), CorpusConfig()) for line in open(demo_small["eval"])][:4]
-    ecfg = EvaluateConfig(model=str(tmp_path / "ft"), output=str(tmp_path / "eval"), max_new_tokens=4, limit=4,
-                          corpus=CorpusConfig(path=demo_small["eval"]), text=TextConfig(max_length=256))
-    for text, out in ((TextConfig(template=template, max_length=256), "eval"),
+    ecfg = EvaluateConfig(model=str(Path(zero3["model"]).parent), output=str(tmp_path / "eval"), max_new_tokens=4,
+                          limit=4, corpus=CorpusConfig(path=demo_small["eval"]), text=TextConfig(max_length=256))
+    for text, out in ((TextConfig(template=TEMPLATE, max_length=256), "eval"),
                       (TextConfig(template="Q: {prompt}\nA: ", max_length=256), "explicit")):
         evaluate.run(replace(ecfg, output=str(tmp_path / out),
                              text=ecfg.text if out == "eval" else text))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import select_job
+from helpers import job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def _select_here(args: list[str], capsys) -> tuple[int, str]:
     """``jobs/select.py``'s own main in this process, on the session's Ray: (exit status, stderr). The refusals
     below run here (a subprocess only adds Python's and the libraries' start-up); ``_select`` runs the command."""
     capsys.readouterr()
-    rc = select_job().main(args)
+    rc = job("select").main(args)
     return rc, capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import small_selection
 from s2l_ray import pipeline
 from s2l_ray.cli import user_error
 from s2l_ray.selection.stage import SELECTION_FILES
@@ -20,14 +21,11 @@ from s2l_ray.models import load_model, load_tokenizer
 from s2l_ray.proxy import ProxyError, ScoringFailed, make_plan
 from s2l_ray.scoring import reference_losses
 
-T = 3
+T = 3  # small_selection's points
 
 
 def config(demo_small, out, **extra):
-    return load_config(None, {"output": str(out), "corpus.path": demo_small["train"],
-                              "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
-                              "proxy.num_points": T, "proxy.workers.count": 2, "proxy.workers.cpus": 0.5,
-                              "proxy.lr": 3e-3, "corpus.part_rows": 8, **extra})
+    return load_config(None, small_selection(demo_small, out, **extra))
 
 
 def run_stages(cfg):
@@ -170,15 +168,15 @@ def test_training_order_mixes_sources_and_changes_every_epoch(proxy_run):
     assert all(np.mean(epochs[0] != epochs[e]) > 0.8 for e in (1, 2))  # positions differ between epochs
 
 
-def test_same_seed_same_trajectories_and_selection(proxy_run, demo_small, tmp_path):
-    """A second, independent proxy run with the same seeds and inputs (8 corpus parts, 2 workers):
-    byte-identical trajectory files, identical selection."""
+def test_same_seed_same_trajectories_and_selection(proxy_run, tracked_selection):
+    """A second, independent proxy run with the same seeds and inputs (8 corpus parts, 2 workers; the session's
+    tracked selection): byte-identical trajectory files, identical selection."""
     cfg, run, _, _ = proxy_run
-    overrides = {"select.budgets": "0.25", "cluster.k": 3}
-    first = pipeline.select(load_config(None, {**vars_of(cfg), **overrides}))
-    again = pipeline.select(load_config(None, {**vars_of(cfg), "output": str(tmp_path / "again"), **overrides}))
+    other_cfg, again, _ = tracked_selection
+    first = pipeline.select(load_config(None, {**vars_of(cfg), "cluster.k": other_cfg.cluster.k,
+                                               "select.budgets": other_cfg.select.budgets}))
     assert again["proxy"]["trained"] and again["corpus"]["fingerprint"] == first["corpus"]["fingerprint"]
-    other = RunDir(str(tmp_path / "again"))
+    other = RunDir(other_cfg.output)
     for t in range(T):
         a, b = run.done_points()[t]["files"], other.done_points()[t]["files"]
         assert len(a) == len(b) >= 6
@@ -233,24 +231,6 @@ def test_target_examples_are_scored_at_every_point_with_the_exact_loss(proxy_run
     assert manifest["selection"]["budgets"]["15"]["selected"] == 15
 
 
-def test_another_target_set_rescores_only_the_target_rows(proxy_run, demo_small, tmp_path):
-    cfg, run, _, _ = proxy_run
-    other = tmp_path / "gcd.jsonl"  # another task: the demo's held-out gcd problems as the target
-    other.write_text("".join(line for line in open(demo_small["eval"]) if '"source": "gcd"' in line))
-    base = {**vars_of(cfg), "select.method": "s2l-target", "select.budgets": "0.25", "cluster.k": 3}
-    pipeline.select(load_config(None, {**base, "select.target": demo_small["target"]}))
-    corpus_before, target_before = mtimes(run), mtimes(run.target)
-    record = run.read_manifest()["proxy"]
-    manifest = pipeline.select(load_config(None, {**base, "select.target": str(other)}))
-    assert mtimes(run) == corpus_before  # no corpus trajectory file rewritten
-    assert manifest["proxy"] == record  # the record of how the trajectories were made stays
-    after = mtimes(run.target)
-    assert sorted(after) == list(range(T)) and all(after[t] != target_before[t] for t in range(T))
-    assert run.target.read_manifest()["corpus"]["sources"] == {"gcd": 5}
-    picked = manifest["selection"]["budgets"]["15"]["sources"]
-    assert picked["gcd"] > 15 / 3  # the gcd target pulls the budget to its clusters
-
-
 def test_embedding_target_embeds_every_row_as_the_final_checkpoint_alone_would(proxy_run, demo_small):
     """The extra pass: each stored embedding is the mean of the final checkpoint's last hidden states over the
     row's own tokens, computed for that row alone; the ranking is by cosine to the nearest target example."""
@@ -272,6 +252,24 @@ def test_embedding_target_embeds_every_row_as_the_final_checkpoint_alone_would(p
     picked = pq.read_table(run.selection()).column("id").to_pylist()
     assert sorted(picked) == sorted(stored[i]["id"] for i in np.argsort(-similarity, kind="stable")[:10])
     assert manifest["stages"]["embeddings"]["rows"] == len(stored)
+
+
+def test_another_target_set_rescores_only_the_target_rows(proxy_run, demo_small, tmp_path):
+    cfg, run, _, _ = proxy_run
+    other = tmp_path / "gcd.jsonl"  # another task: the demo's held-out gcd problems as the target
+    other.write_text("".join(line for line in open(demo_small["eval"]) if '"source": "gcd"' in line))
+    base = {**vars_of(cfg), "select.method": "s2l-target", "select.budgets": "0.25", "cluster.k": 3}
+    pipeline.select(load_config(None, {**base, "select.target": demo_small["target"]}))
+    corpus_before, target_before = mtimes(run), mtimes(run.target)
+    record = run.read_manifest()["proxy"]
+    manifest = pipeline.select(load_config(None, {**base, "select.target": str(other)}))
+    assert mtimes(run) == corpus_before  # no corpus trajectory file rewritten
+    assert manifest["proxy"] == record  # the record of how the trajectories were made stays
+    after = mtimes(run.target)
+    assert sorted(after) == list(range(T)) and all(after[t] != target_before[t] for t in range(T))
+    assert run.target.read_manifest()["corpus"]["sources"] == {"gcd": 5}
+    picked = manifest["selection"]["budgets"]["15"]["sources"]
+    assert picked["gcd"] > 15 / 3  # the gcd target pulls the budget to its clusters
 
 
 def test_a_scoring_failure_ends_the_run_with_the_scorers_error(ray_local, demo_small, tmp_path):

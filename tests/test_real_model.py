@@ -1,5 +1,5 @@
-"""The users' world: the real pretrained SmolLM2-135M-Instruct (and its 2-layer cut as the proxy), chat data
-in messages and ShareGPT form, GSM8K's own evaluation schema; real Ray, real DeepSpeed on CPU."""
+"""The users' world: the real pretrained SmolLM2-135M-Instruct (and its 2-layer cut as the proxy, from a Hub cache),
+chat data in messages and ShareGPT form, GSM8K's own evaluation schema; real Ray, real DeepSpeed on CPU."""
 from __future__ import annotations
 
 import json
@@ -21,47 +21,21 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def chat_corpus(demo_small, tmp_path_factory):
-    """24 conversations from the demo rows (every third with two exchanges; every fourth in ShareGPT form)."""
-    rows = [json.loads(line) for line in open(demo_small["train"])][:30]
-    out = []
-    for i in range(24):
-        a, b = rows[i], rows[(i + 7) % 30]
-        turns = [{"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["response"]}]
-        if i % 3 == 0:
-            turns += [{"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["response"]}]
-        if i % 4 == 0:
-            out.append({"id": f"c{i}", "source": a["source"], "conversations": [
-                {"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]} for t in turns]})
-        else:
-            out.append({"id": f"c{i}", "source": a["source"], "messages": turns})
-    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in out))
-    return path
+def chat_run(hub_chat_run):
+    """A whole target-aware selection of chat rows with the SmolLM2 cut as the proxy (its own tokenizer and chat
+    template), run as ``jobs/select.py`` on Hub ids (conftest's ``hub_chat_run``): (config, manifest)."""
+    return hub_chat_run[:2]
 
 
-@pytest.fixture(scope="module")
-def chat_target(demo_small, tmp_path_factory):
-    """5 target conversations of one task (the demo's held-out gcd problems), in ShareGPT form."""
-    rows = [json.loads(line) for line in open(demo_small["eval"]) if '"source": "gcd"' in line]
-    path = tmp_path_factory.mktemp("chat_target") / "target.jsonl"
-    path.write_text("".join(json.dumps({"source": r["source"], "conversations": [
-        {"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["response"]}]}) + "\n" for r in rows))
-    return path
+def test_a_relative_model_path_reaches_the_train_workers_absolute(demo_small, smollm2_proxy, tmp_path):
+    """A relative model path, as users write it: Ray Train's workers, which run in folders of their own, get it
+    absolute."""
+    from s2l_ray.pipeline import prepare_inputs
 
-
-@pytest.fixture(scope="module")
-def chat_run(ray_local, chat_corpus, chat_target, smollm2_proxy, tmp_path_factory):
-    """A whole target-aware selection with the SmolLM2 cut as the proxy (its own tokenizer and chat template)."""
-    out = tmp_path_factory.mktemp("chat_run") / "run"
-    # a relative model path, as users write it: Ray Train's workers, which run in folders of their own, get it absolute
-    cfg = load_config(None, {"output": str(out), "corpus.path": str(chat_corpus),
-                             "proxy.model": os.path.relpath(smollm2_proxy),
-                             "proxy.epochs": 1, "proxy.batch_size": 4, "proxy.num_points": 2, "proxy.lr": 1e-4,
-                             "proxy.workers.count": 2, "proxy.workers.cpus": 0.5, "corpus.part_rows": 8,
-                             "text.max_length": 384, "cluster.k": 3, "select.budgets": "8",
-                             "select.method": "s2l-target", "select.target": str(chat_target)})
-    return cfg, pipeline.select(cfg)
+    cfg = load_config(None, {"output": str(tmp_path / "run"), "corpus.path": demo_small["train"],
+                             "proxy.model": os.path.relpath(smollm2_proxy)})
+    prepared, _ = prepare_inputs(cfg, RunDir(cfg.output))
+    assert prepared.proxy.model == os.path.abspath(smollm2_proxy)
 
 
 def test_stored_ids_are_the_chat_templates_rendering_with_every_assistant_turn_labelled(chat_run, chat_corpus,

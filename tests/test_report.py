@@ -60,17 +60,10 @@ def test_the_page_stays_small_whatever_the_corpus(synthetic):
 
 
 @pytest.mark.slow
-def test_the_demo_report_in_headless_chromium(ray_local, demo_small, tmp_path):
-    """A real selection run on the demo; its report.html opens with no console error, draws every chart, and its
-    cluster table shows the run's numbers."""
-    from s2l_ray import pipeline
-    from s2l_ray.config import load_config
-
-    cfg = load_config(None, {"output": str(tmp_path / "run"), "corpus.path": demo_small["train"],
-                             "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8,
-                             "proxy.num_points": 3, "proxy.workers.count": 2, "proxy.workers.cpus": 0.5,
-                             "proxy.lr": 3e-3, "cluster.k": 4, "select.budgets": "12"})
-    pipeline.select(cfg)
+def test_the_demo_report_in_headless_chromium(tracked_selection, tmp_path):
+    """A real selection run on the demo (the session's); its report.html opens with no console error, draws every
+    chart, and its cluster table shows the run's numbers."""
+    cfg, _, _ = tracked_selection
     run = RunDir(cfg.output)
     path = run.path("report.html")
     # S2L_REPORT_SCREENSHOT=docs/report.png keeps the screenshot (the README's picture is made this way)

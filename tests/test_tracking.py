@@ -1,5 +1,6 @@
 """Experiment tracking through Ray's MLflow and W&B integrations, read back from what each wrote on this machine:
-MLflow's local file store (``MLFLOW_ALLOW_FILE_STORE``) and W&B's offline run files (``WANDB_MODE=offline``)."""
+MLflow's local file store (``MLFLOW_ALLOW_FILE_STORE``) and W&B's offline run files (``WANDB_MODE=offline``). The
+tracked selection is the session's (conftest's ``tracked_selection``)."""
 from __future__ import annotations
 
 import glob
@@ -11,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import wandb_history, wandb_records
-from s2l_ray import evaluate, finetune, pipeline
-from s2l_ray.config import (ConfigError, CorpusConfig, EvaluateConfig, FinetuneConfig, TextConfig, TrackingConfig,
-                            load_config)
+from s2l_ray import evaluate, finetune
+from s2l_ray.config import ConfigError, CorpusConfig, EvaluateConfig, FinetuneConfig, TextConfig, TrackingConfig
 from s2l_ray.layout import RunDir
 from s2l_ray.tracking import check
 
@@ -35,23 +35,6 @@ def history(client, run, name: str) -> list[tuple[int, float]]:
 def same_series(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
     return [s for s, _ in got] == [s for s, _ in expected] and \
         [v for _, v in got] == pytest.approx([v for _, v in expected])
-
-
-@pytest.fixture(scope="module")
-def tracked_selection(ray_local, demo_small, tmp_path_factory):
-    """A small selection run tracked in MLflow's file store: (config, manifest, store URI)."""
-    root = tmp_path_factory.mktemp("tracked")
-    env = pytest.MonkeyPatch()
-    env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses its file store without it (this module's)
-    store = f"file://{root}/mlruns"
-    cfg = load_config(None, {
-        "output": str(root / "selection"), "corpus.path": demo_small["train"],
-        "text.tokenizer": demo_small["tokenizer"], "proxy.epochs": 1, "proxy.batch_size": 8, "proxy.num_points": 2,
-        "proxy.workers.count": 2, "proxy.workers.cpus": 0.5, "proxy.lr": 3e-3, "corpus.part_rows": 16,
-        "cluster.k": 4, "select.budgets": [12], "tracking.backend": "mlflow", "tracking.uri": store,
-        "tracking.project": "tests"})
-    yield cfg, pipeline.select(cfg), store
-    env.undo()
 
 
 def proxy_curve(run: RunDir) -> list[tuple[int, float]]:
