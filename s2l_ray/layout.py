@@ -228,9 +228,10 @@ class RunDir:
         """The stored corpus's part files in idx order (recorded in the manifest when complete)."""
         return [self.path("corpus", f) for f in self.read_manifest().get("corpus", {}).get("files", [])]
 
-    def corpus_parts(self) -> list[tuple[int, int, int, str]]:
-        """(number, first idx, rows, path) of each stored corpus part, from the manifest (no file is opened)."""
-        corpus = self.read_manifest().get("corpus", {})
+    def corpus_parts(self, corpus: dict | None = None) -> list[tuple[int, int, int, str]]:
+        """(number, first idx, rows, path) of each stored corpus part, from the manifest (no file is opened), or from
+        its corpus record ``corpus`` when the caller has read it."""
+        corpus = self.read_manifest().get("corpus", {}) if corpus is None else corpus
         files, rows = corpus.get("files", []), corpus.get("part_rows", [])
         if not files or len(rows) != len(files):
             raise LayoutError(f"{self.manifest}: no stored corpus recorded (corpus.files and corpus.part_rows)")

@@ -15,6 +15,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -218,11 +219,12 @@ def _items(runs: list[RunDir], t: int, step: int, checkpoint: Any, ready: float)
             for r in runs for p in r.corpus_parts()]
 
 
-def _scored(run: RunDir, kind: str, t: int, mine: list[dict]) -> dict:
-    """One run's record of a finished point (or of its embeddings), checked whole: every part, every row."""
+def _scored(run: RunDir, kind: str, t: int, mine: list[dict], corpus: dict) -> dict:
+    """One run's record of a finished point (or of its embeddings), checked whole: every part, every row.
+    ``corpus`` is the run's corpus record (its manifest's, read once by the caller)."""
     remove_temporaries(run.fs, _output_dir(run, kind, t))  # left by an actor killed while writing; the retry rewrote it
-    parts = [p[0] for p in run.corpus_parts()]
-    rows, expected = sum(int(d["rows"]) for d in mine), run.read_manifest()["corpus"]["rows"]
+    parts = [p[0] for p in run.corpus_parts(corpus)]
+    rows, expected = sum(int(d["rows"]) for d in mine), corpus["rows"]
     got = sorted(int(d["part"]) for d in mine)
     if got != parts or rows != expected:
         raise RuntimeError(f"{kind} of {run.uri} at point {t}: {rows} rows in parts {got}, "
@@ -265,7 +267,8 @@ def score_parts(runs: list[RunDir], kind: str, checkpoint: Any, cfg: ScoringConf
     for row in ds.iter_rows():
         done.append(row)
         progress(done)
-    return {r.uri: _scored(r, kind, 0, [d for d in done if d["run"] == r.uri]) for r in runs}
+    return {r.uri: _scored(r, kind, 0, [d for d in done if d["run"] == r.uri], r.read_manifest()["corpus"])
+            for r in runs}
 
 
 def _gate(row: dict, source: Any, todo: dict[int, list[str]]) -> dict:
@@ -291,10 +294,12 @@ def score_points(todo: dict[int, list[str]], source: Any, cfg: ScoringConfig, us
 
     _raise_own_errors()
     points = sorted(todo)
-    items = [{"run": u, "part": p[0], "t": t} for t in points for u in todo[t] for p in RunDir(u).corpus_parts()]
+    corpora = {u: RunDir(u).read_manifest()["corpus"] for u in {u for t in points for u in todo[t]}}  # read once
+    items = [{"run": u, "part": p[0], "t": t} for t in points for u in todo[t]
+             for p in RunDir(u).corpus_parts(corpora[u])]
     for i, item in enumerate(items):
         item["first"] = i == 0 or items[i - 1]["t"] != item["t"]
-    parts = {t: sum(1 for i in items if i["t"] == t) for t in points}
+    parts = Counter(item["t"] for item in items)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         _gate, fn_args=(source, todo), num_cpus=0, concurrency=1)
     ds = _scorer(ds, cfg, "loss", use_gpu, precision, max(parts.values()))
@@ -309,9 +314,9 @@ def score_points(todo: dict[int, list[str]], source: Any, cfg: ScoringConfig, us
         step, seconds = int(row["step"]), round(time.time() - float(row["ready"]), 3)
         records = {}
         for r in (RunDir(u) for u in todo[t]):
-            records[r.uri] = _scored(r, "loss", t, [d for d in done[t] if d["run"] == r.uri])
+            records[r.uri] = _scored(r, "loss", t, [d for d in done[t] if d["run"] == r.uri], corpora[r.uri])
             r.mark_point_done(t, {"step": step, **records[r.uri], "seconds": seconds,
-                                  "corpus_fingerprint": r.read_manifest()["corpus"]["fingerprint"]})
+                                  "corpus_fingerprint": corpora[r.uri]["fingerprint"]})
         on_point({"t": t, "step": step, "seconds": seconds, "rows": sum(v["rows"] for v in records.values()),
                   "compute_seconds": round(sum(v["compute_seconds"] for v in records.values()), 3),
                   "runs": todo[t]})

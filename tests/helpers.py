@@ -85,6 +85,19 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def with_env(name: str, value: str) -> list[int]:
+    """Processes whose environment has ``name=value`` (what a process tree was started with, whatever its processes
+    became or whoever adopted them; a reused process id does not match)."""
+    entry = f"{name}={value}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            with contextlib.suppress(OSError):
+                if entry in Path(f"/proc/{d}/environ").read_bytes().split(b"\0"):
+                    out.append(int(d))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

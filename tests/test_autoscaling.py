@@ -6,9 +6,11 @@ joined, a local path and ``use_gpu: auto`` are refused at once with one ``error:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,11 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from helpers import BUCKET, RAY, S3_ENV, descendants, free_port, moto_s3, stop_session, wait_for
+from helpers import BUCKET, RAY, S3_ENV, free_port, moto_s3, stop_session, wait_for, with_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_ID = "ffffffffffffffffffffffffffffffffffffffffffffffffff"  # the fake provider's worker node ids start so
+CLUSTER_MARK = "S2L_TEST_AUTOSCALING"  # in the environment of every process of the test's cluster, and no other
 pytestmark = pytest.mark.slow
 
 
@@ -61,28 +64,22 @@ def cluster(tmp_path_factory, demo_small):
         config = tmp / "autoscaler.yaml"
         config.write_text(yaml.safe_dump(autoscaler_config(address)))
         env = {**os.environ, **S3_ENV, "AWS_ENDPOINT_URL": endpoint, "RAY_AUTH_MODE": "disabled",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+               "RAY_USAGE_STATS_ENABLED": "0", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+               CLUSTER_MARK: str(port)}
         head = subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
              f"--autoscaling-config={config}", f"--ray-client-server-port={free_port()}",
              f"--temp-dir=/tmp/ray-s2l-auto-{port}", "--block"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        procs: set[int] = set()
         try:
-            def head_up() -> bool:
-                procs.update(descendants(head.pid))
-                return "ray.head.default" in status(env, address)
-
-            wait_for(head_up, 120, "the autoscaling cluster's head", interval=1)
-            yield {**env, "RAY_ADDRESS": address}, fs, address, procs
+            wait_for(lambda: "ray.head.default" in status(env, address), 120, "the autoscaling cluster's head",
+                     interval=1)
+            yield {**env, "RAY_ADDRESS": address}, fs, address
         finally:
-            procs.update(descendants(head.pid))
             stop_session(head.pid)
-            for pid in procs:  # the workers the autoscaler started, wherever their processes went
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
+            for pid in with_env(CLUSTER_MARK, str(port)):  # the nodes the autoscaler started, wherever they went
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             head.kill()
             head.wait()
             shutil.rmtree(f"/tmp/ray-s2l-auto-{port}", ignore_errors=True)
@@ -118,7 +115,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_before_workers_join_local_paths_and_auto_gpu_are_refused_at_once(cluster, tmp_path):
-    env, _, address, _ = cluster
+    env, _, address = cluster
     out = tmp_path / "run"
     line = error_line(select(env, *SMALL, "--output", str(out), "--set", "proxy.use_gpu=false"))
     assert f"output {out} is a local path" in line and "no node that runs this job's work has joined" in line
@@ -129,10 +126,9 @@ def test_before_workers_join_local_paths_and_auto_gpu_are_refused_at_once(cluste
 
 
 def test_select_through_s3_scales_workers_up_and_finishes(cluster):
-    env, fs, address, procs = cluster
+    env, fs, address = cluster
     proc = select(env, *SMALL, "--output", s3("run"), "--target", s3("data/target.jsonl"), "--method", "s2l-target",
                   "--set", "proxy.use_gpu=false")
-    procs.update(descendants(os.getpid()))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     manifest = json.loads(fs.open_input_stream(f"{BUCKET}/run/manifest.json").read())
     assert manifest["corpus"]["rows"] == 60 and manifest["selection"]["budgets"]["24"]["selected"] == 24
