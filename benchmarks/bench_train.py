@@ -120,14 +120,15 @@ def finetune_runs(paths: dict, work: str, a) -> None:
           flush=True)
 
 
-def selections(work: str, a) -> None:
+def selections(paths: dict, work: str, a) -> None:
     from s2l_ray import pipeline
     from s2l_ray.config import load_config
 
     cost = {}
-    for packed in (False, True):
+    for packed in (False, True):  # on the demo corpus built above (the demo config's own default folder is cwd's)
         cfg = load_config(DEMO_CONFIG, {"output": os.path.join(work, f"select-{'packed' if packed else 'padded'}"),
-                                        "demo.train_per_source": a.per_source, "proxy.packed": packed})
+                                        "corpus.path": paths["train"], "text.tokenizer": paths["tokenizer"],
+                                        "proxy.packed": packed})
         m = pipeline.select(cfg)
         cost[packed] = (m["proxy"]["train_compute_seconds"], m["total_seconds"])
     print(f"demo selection: proxy training compute {cost[False][0]:.1f} core-s padded, {cost[True][0]:.1f} packed "
@@ -157,7 +158,7 @@ def main() -> None:
     if a.finetune:
         finetune_runs(paths, work, a)
     if a.select:
-        selections(work, a)
+        selections(paths, work, a)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def run_proxy(run: RunDir, cfg: S2LConfig, inputs: dict, corpus: dict) -> dict:
     cfg = replace(cfg, proxy=replace(cfg.proxy, precision=precision))
     if not inputs["points"] and not inputs["losses"]:
         log(f"proxy: {cfg.proxy.num_points} trajectory points over {cfg.proxy.epochs} epochs, "
-            f"{cfg.proxy.workers.count} workers, {precision}")
+            f"{cfg.proxy.workers.count} workers, {precision}, {'packed' if cfg.proxy.packed else 'padded'} rows")
     started = time.time()
     target = run.target if cfg.select.target else None
     if inputs["points"]:

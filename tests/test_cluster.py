@@ -149,7 +149,7 @@ def test_select_writes_everything_to_the_bucket_from_the_second_node(cluster, se
     # every stage's progress in `ray job logs`: the project's lines, each once, also those of the workers on node 2
     stamp = r"\[s2l \d\d:\d\d:\d\d\] "
     for pattern in (stamp + r"corpus: 60 rows in 1 parts \(\d pieces read\), 3 sources",
-                    stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers, fp32",
+                    stamp + "proxy: 2 trajectory points over 1 epochs, 2 workers, fp32, padded rows",
                     r"\[proxy \d\d:\d\d:\d\d\] point 1/2 at step 2/4, training loss",
                     r"\[scoring \d\d:\d\d:\d\d\] point 0: 110 rows scored",
                     r"\[scoring \d\d:\d\d:\d\d\] point 1: 110 rows scored", stamp + "target: 50 examples from "

@@ -80,7 +80,8 @@ def _prepare(cfg: FinetuneConfig) -> tuple[dict, bool]:
         return _finish(summary, state, train_seconds=state["seconds"]), False
     write_summary(run, summary)
     log(f"{stats['rows']} rows ({sum(stats['dropped'].values())} dropped), {plan.total_steps} steps over "
-        f"{cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.workers.count} workers"
+        f"{cfg.epochs} epochs, ZeRO-{cfg.zero_stage}, {cfg.workers.count} workers, "
+        f"{'packed' if cfg.packed else 'padded'} rows"
         + (f"; resuming from step {resume['step']}" if resume else ""))
     return summary, True
 
