@@ -106,7 +106,7 @@ def resumed(ray_local, selection, demo_small, tmp_path_factory):
     checkpoint = finetune.latest_checkpoint(str(out))
     rerun = _job(args, log, env)
     assert rerun.wait(timeout=400) == 0, f"the rerun failed:\n{_tail(log)}"
-    return json.loads((out / "finetune.json").read_text()), checkpoint["step"], out
+    return json.loads((out / "finetune.json").read_text()), checkpoint["step"], log.read_text()
 
 
 def test_an_unreadable_checkpoint_record_is_an_error_not_a_restart(tmp_path):
@@ -176,8 +176,9 @@ def test_no_model_on_a_users_run_is_refused_with_advice(selection):
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(resumed):
-    summary, step, _ = resumed
+    summary, step, log = resumed
     assert summary["status"] == "done" and summary["rows"] == 60
+    assert f"ZeRO-2, 2 workers, packed rows; resuming from step {step}" in log  # the rerun's plan line
     assert summary["data_stats"]["dropped"]["no_response_tokens"] == 1
     total = summary["plan"]["total_steps"]
     assert 0 < step < total, "the job was not killed mid-training"
